@@ -1,0 +1,108 @@
+"""Per-token symmetric activation quantization with smoothing and block-Hadamard rotation fused.
+
+``q, scale = act_quant(x, smooth, qmax, rotate)`` computes, per row of ``x`` [M, K]:
+``y = H128(x * smooth)``; ``scale = max|y| / qmax``; ``q = round(y / scale)`` as int8.
+The Triton kernel keeps a whole row in registers: one read of ``x``, one write of ``q``
+and ``scale``. The rotation runs on the tensor cores in FP16 after dividing the row by
+its pre-rotation maximum (so FP16 cannot overflow; entries of H are exactly +-1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._triton import HAS_TRITON, next_pow2, tl, triton
+from .hadamard import BLOCK, block_hadamard, hadamard_matrix
+from .rounding import round_half_away
+
+AMAX_FLOOR = 1e-8  # an all-zero row gets scale AMAX_FLOOR / qmax and codes 0
+
+
+def _check(x: torch.Tensor, smooth, qmax: int, rotate: bool) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"act_quant expects [M, K] activations, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"act_quant expects floating-point activations, got {x.dtype}")
+    if rotate and x.shape[1] % BLOCK:
+        raise ValueError(f"act_quant: K={x.shape[1]} must be a multiple of {BLOCK} to rotate")
+    if smooth is not None and smooth.shape != (x.shape[1],):
+        raise ValueError(f"act_quant: smooth has shape {tuple(smooth.shape)}, expected ({x.shape[1]},)")
+    if not 1 <= qmax <= 127:
+        raise ValueError(f"act_quant: qmax={qmax} must lie in [1, 127]")
+
+
+def act_quant_reference(x: torch.Tensor, smooth: torch.Tensor | None = None, qmax: int = 127,
+                        rotate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager reference: returns int8 codes [M, K] and float32 scales [M]."""
+    _check(x, smooth, qmax, rotate)
+    y = x.to(torch.float64)
+    if smooth is not None:
+        y = y * smooth.to(torch.float64)
+    if rotate:
+        y = block_hadamard(y)
+    amax = y.abs().amax(dim=1).clamp_min(AMAX_FLOOR)
+    scale = (amax / qmax).to(torch.float32)
+    q = round_half_away(y / scale.to(torch.float64)[:, None]).clamp(-qmax, qmax)
+    return q.to(torch.int8), scale
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
+                          NB: tl.constexpr, HB: tl.constexpr, ROWS: tl.constexpr, QMAX: tl.constexpr,
+                          HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, INV_SQRT_HB: tl.constexpr,
+                          AMAX_MIN: tl.constexpr):
+        pid = tl.program_id(0)
+        blk = tl.arange(0, NB)
+        col = tl.arange(0, HB)
+        offs_k = blk[:, None] * HB + col[None, :]
+        kmask = offs_k < K
+        if HAS_SMOOTH:
+            s = tl.load(smooth_ptr + offs_k, mask=kmask, other=0.0)
+        if ROTATE:
+            h = tl.load(h_ptr + col[:, None] * HB + col[None, :])
+        for r in range(ROWS):
+            row = pid * ROWS + r
+            rmask = kmask & (row < M)
+            x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs_k, mask=rmask, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                x = x * s
+            if ROTATE:
+                pre = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), AMAX_MIN)
+                y = tl.dot((x / pre).to(tl.float16), h, out_dtype=tl.float32) * (pre * INV_SQRT_HB)
+            else:
+                y = x
+            amax = tl.maximum(tl.max(tl.max(tl.abs(y), axis=1), axis=0), AMAX_MIN)
+            scale = amax / QMAX
+            v = y / scale
+            v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            tl.store(q_ptr + row.to(tl.int64) * stride_qm + offs_k, v.to(tl.int8), mask=rmask)
+            tl.store(scale_ptr + row, scale, mask=row < M)
+
+
+def act_quant_triton(x: torch.Tensor, smooth: torch.Tensor | None = None, qmax: int = 127,
+                     rotate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton kernel, same contract as :func:`act_quant_reference`."""
+    _check(x, smooth, qmax, rotate)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    nb = max(16, next_pow2(triton.cdiv(k, BLOCK)))
+    h = hadamard_matrix(BLOCK, dtype=torch.float16, device=x.device, normalized=False) if rotate else x
+    sm = smooth.to(device=x.device, dtype=torch.float32).contiguous() if smooth is not None else x
+    rows = 1 if m < 4096 else 2
+    num_warps = 4 if nb <= 32 else 8
+    _act_quant_kernel[(triton.cdiv(m, rows),)](
+        x, sm, h, q, scale, m, k, x.stride(0), q.stride(0),
+        NB=nb, HB=BLOCK, ROWS=rows, QMAX=qmax, HAS_SMOOTH=smooth is not None, ROTATE=rotate,
+        INV_SQRT_HB=1.0 / math.sqrt(BLOCK), AMAX_MIN=AMAX_FLOOR, num_warps=num_warps,
+    )
+    return q, scale

@@ -1,0 +1,81 @@
+"""W8A8 GEMM: INT8 activations x INT8 weights on the integer tensor cores, INT32 accumulation,
+per-token and per-channel scales, bias and the output cast fused in the epilogue.
+Also serves W6A6 (6-bit codes stored in int8)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_scaled_gemm
+from ._triton import HAS_TRITON, interpreting, tl, triton
+
+
+def w8a8_gemm_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16):
+    """out[m, n] = (sum_k x_q[m, k] w_q[n, k]) * x_scale[m] * w_scale[n] + bias[n]."""
+    check_scaled_gemm("w8a8_gemm", x_q, x_scale, w_q, w_scale, bias, packed=False, group_size=0)
+    acc = x_q.to(torch.float64) @ w_q.to(torch.float64).T  # exact: |sum| < 2**53
+    out = acc * x_scale.to(torch.float64)[:, None] * w_scale.to(torch.float64)[None, :]
+    if bias is not None:
+        out = out + bias.to(torch.float64)
+    return out.to(out_dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+
+        offs_m = (pid_m * BM + tl.arange(0, BM)) % M
+        offs_n = (pid_n * BN + tl.arange(0, BN)) % N
+        offs_k = tl.arange(0, BK)
+        a_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        b_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for _ in range(0, K, BK):
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            a_ptrs += BK
+            b_ptrs += BK
+
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        xs = tl.load(xs_ptr + offs_m)
+        ws = tl.load(ws_ptr + offs_n)
+        out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
+        o_ptrs = o_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# (BM, BN, BK, GROUP_M, num_warps, num_stages), tuned on the H100 by benchmarks/bench_linear.py
+W8A8_CONFIG = (128, 256, 128, 8, 8, 3)
+_INTERPRET_CONFIG = (32, 32, 128, 4, 4, 1)
+
+
+def w8a8_gemm_triton(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, config=None):
+    """Triton kernel, same contract as :func:`w8a8_gemm_reference`."""
+    m, n, k = check_scaled_gemm("w8a8_gemm", x_q, x_scale, w_q, w_scale, bias, packed=False, group_size=0)
+    out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
+    if m == 0:
+        return out
+    bm, bn, bk, gm, warps, stages = config or (_INTERPRET_CONFIG if interpreting() else W8A8_CONFIG)
+    x_q, w_q = x_q.contiguous(), w_q.contiguous()
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _w8a8_kernel[grid](
+        x_q, x_scale, w_q, w_scale, bias if bias is not None else w_scale, out, m, n, k,
+        x_q.stride(0), w_q.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=warps, num_stages=stages,
+    )
+    return out

@@ -1,0 +1,75 @@
+"""The one configuration object that travels from node widgets to checkpoint metadata and back."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+# bits name -> (weight bits, activation bits); activation bits 16 means weight-only.
+BIT_SCHEMES: dict[str, tuple[int, int]] = {
+    "w4a8": (4, 8),
+    "w6a6": (6, 6),
+    "w8a8": (8, 8),
+}
+WEIGHT_ONLY_SCHEME = "w4a16"  # modulation and text-refiner Linears: one vector / few tokens per sample
+GROUP_SIZES = (0, 128)  # 0 = one scale per output channel
+HADAMARD_BLOCK = 128
+
+
+def qmax(bits: int) -> int:
+    """Largest magnitude of a symmetric signed integer code of ``bits`` bits (e.g. 4 -> 7)."""
+    return (1 << (bits - 1)) - 1
+
+
+@dataclass(frozen=True)
+class QuantSparseConfig:
+    """How a model is quantized.
+
+    ``bits`` names the scheme of the attention and MLP Linears of the transformer blocks;
+    ``group_size`` 0 keeps one weight scale per output channel, 128 one per 128 inputs;
+    ``weight_only_bits`` is used for the Linears that see one vector per sample (modulation)
+    or only text tokens (the text refiner), where activation quantization buys no speed.
+    """
+
+    bits: str = "w4a8"
+    group_size: int = 0
+    rotate: bool = True
+    weight_only_bits: int = 4
+
+    def __post_init__(self) -> None:
+        if self.bits not in BIT_SCHEMES:
+            raise ValueError(
+                f"QuantSparseConfig.bits={self.bits!r} is not supported; choose one of {sorted(BIT_SCHEMES)}"
+            )
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(
+                f"QuantSparseConfig.group_size={self.group_size} is not supported; use 0 (per output channel) or 128"
+            )
+        if self.group_size and self.weight_bits != 4:
+            raise ValueError("group_size=128 is only implemented for 4-bit weights (bits='w4a8'); use group_size=0")
+        if self.weight_only_bits != 4:
+            raise ValueError("weight_only_bits must be 4 (the weight-only kernel is INT4)")
+        if not isinstance(self.rotate, bool):
+            raise ValueError("QuantSparseConfig.rotate must be a bool")
+
+    @property
+    def weight_bits(self) -> int:
+        return BIT_SCHEMES[self.bits][0]
+
+    @property
+    def act_bits(self) -> int:
+        return BIT_SCHEMES[self.bits][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantSparseConfig":
+        if not isinstance(data, Mapping):
+            raise ValueError(f"quantization config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown quantization config fields {unknown}; known fields are {sorted(known)}")
+        return cls(**dict(data))
