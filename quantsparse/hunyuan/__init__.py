@@ -1,0 +1,1 @@
+"""HunyuanVideo: everything model-specific (key names, which Linears, dimensions) lives here."""
