@@ -81,9 +81,55 @@ if HAS_TRITON:
         tl.store(o_ptrs, out, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-# (BM, BN, GROUP_M, num_warps, num_stages), tuned on the H100 by benchmarks/bench_linear.py
-W4A8_CONFIG = (256, 128, 8, 8, 3)
-_INTERPRET_CONFIG = (32, 32, 4, 4, 1)
+    @triton.jit
+    def _w4a8_tma_kernel(x_desc, w_desc, xs_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, stride_om, stride_wsn,
+                         GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         GROUP_M: tl.constexpr, HALF_K: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+        m0 = pid_m * BM
+        n0 = pid_n * BN
+        rn = n0 + tl.arange(0, BN)
+        acc = tl.zeros((BN, BM), dtype=tl.int32)
+        facc = tl.zeros((BN, BM), dtype=tl.float32)
+        for kt in range(0, K // (2 * HALF_K)):
+            packed = w_desc.load([n0, kt * HALF_K])
+            w_lo = (packed << 4) >> 4
+            w_hi = packed >> 4
+            x_lo = x_desc.load([m0, kt * 2 * HALF_K])
+            x_hi = x_desc.load([m0, kt * 2 * HALF_K + HALF_K])
+            if GROUPED:
+                part = tl.dot(w_lo, x_lo.T, out_dtype=tl.int32)
+                part = tl.dot(w_hi, x_hi.T, part, out_dtype=tl.int32)
+                gs = tl.load(ws_ptr + rn * stride_wsn + kt, mask=rn < N, other=0.0).to(tl.float32)
+                facc += part.to(tl.float32) * gs[:, None]
+            else:
+                acc = tl.dot(w_lo, x_lo.T, acc, out_dtype=tl.int32)
+                acc = tl.dot(w_hi, x_hi.T, acc, out_dtype=tl.int32)
+        rm = m0 + tl.arange(0, BM)
+        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
+        if GROUPED:
+            out_t = facc * xs[None, :]
+        else:
+            ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+            out_t = acc.to(tl.float32) * ws[:, None] * xs[None, :]
+        if HAS_BIAS:
+            out_t += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
+        out = tl.trans(out_t.to(o_ptr.dtype.element_ty))
+        o_ptrs = o_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(o_ptrs, out, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# (impl, BM, BN, GROUP_M, num_warps, num_stages); impl "ptr" or "tma" as in w8a8.py.
+# BM is the token tile, BN the weight tile. Tuned on the H100 by benchmarks/bench_linear.py.
+W4A8_CONFIG = ("ptr", 256, 128, 8, 8, 3)
+_INTERPRET_CONFIG = ("ptr", 32, 32, 4, 4, 1)
 
 
 def w4a8_gemm_triton(x_q, x_scale, w_packed, w_scale, bias=None, out_dtype=torch.bfloat16, group_size=0, config=None):
@@ -92,16 +138,23 @@ def w4a8_gemm_triton(x_q, x_scale, w_packed, w_scale, bias=None, out_dtype=torch
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
-    bm, bn, gm, warps, stages = config or (_INTERPRET_CONFIG if interpreting() else W4A8_CONFIG)
+    impl, bm, bn, gm, warps, stages = config or (_INTERPRET_CONFIG if interpreting() else W4A8_CONFIG)
     x_q, w_packed = x_q.contiguous(), w_packed.contiguous()
     w_scale = w_scale.contiguous()
+    b = bias if bias is not None else x_scale
+    wsn = w_scale.stride(0) if group_size else 0
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _w4a8_kernel[grid](
-        x_q, x_scale, w_packed, w_scale, bias if bias is not None else x_scale, out, m, n, k,
-        x_q.stride(0), w_packed.stride(0), out.stride(0), w_scale.stride(0) if group_size else 0,
-        GROUPED=group_size != 0, HAS_BIAS=bias is not None, BM=bm, BN=bn, GROUP_M=gm, HALF_K=HALF,
-        num_warps=warps, num_stages=stages,
-    )
+    meta = dict(GROUPED=group_size != 0, HAS_BIAS=bias is not None, BM=bm, BN=bn, GROUP_M=gm, HALF_K=HALF,
+                num_warps=warps, num_stages=stages)
+    if impl == "tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        x_desc = TensorDescriptor.from_tensor(x_q, [bm, HALF])
+        w_desc = TensorDescriptor.from_tensor(w_packed, [bn, HALF])
+        _w4a8_tma_kernel[grid](x_desc, w_desc, x_scale, w_scale, b, out, m, n, k, out.stride(0), wsn, **meta)
+    else:
+        _w4a8_kernel[grid](x_q, x_scale, w_packed, w_scale, b, out, m, n, k, x_q.stride(0), w_packed.stride(0),
+                           out.stride(0), wsn, **meta)
     return out
 
 

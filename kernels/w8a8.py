@@ -59,9 +59,38 @@ if HAS_TRITON:
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-# (BM, BN, BK, GROUP_M, num_warps, num_stages), tuned on the H100 by benchmarks/bench_linear.py
-W8A8_CONFIG = (128, 256, 128, 8, 8, 3)
-_INTERPRET_CONFIG = (32, 32, 128, 4, 4, 1)
+    @triton.jit
+    def _w8a8_tma_kernel(x_desc, w_desc, xs_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, stride_om,
+                         HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for k in range(0, K, BK):
+            a = x_desc.load([pid_m * BM, k])
+            b = w_desc.load([pid_n * BN, k])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
+        ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+        out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        o_ptrs = o_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# (impl, BM, BN, BK, GROUP_M, num_warps, num_stages); impl "ptr" loads through pointers,
+# "tma" through Hopper's tensor-memory accelerator. Tuned on the H100 by benchmarks/bench_linear.py.
+W8A8_CONFIG = ("ptr", 128, 256, 128, 8, 8, 3)
+_INTERPRET_CONFIG = ("ptr", 32, 32, 128, 4, 4, 1)
 
 
 def w8a8_gemm_triton(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, config=None):
@@ -70,12 +99,18 @@ def w8a8_gemm_triton(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bflo
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
-    bm, bn, bk, gm, warps, stages = config or (_INTERPRET_CONFIG if interpreting() else W8A8_CONFIG)
+    impl, bm, bn, bk, gm, warps, stages = config or (_INTERPRET_CONFIG if interpreting() else W8A8_CONFIG)
     x_q, w_q = x_q.contiguous(), w_q.contiguous()
+    b = bias if bias is not None else w_scale
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _w8a8_kernel[grid](
-        x_q, x_scale, w_q, w_scale, bias if bias is not None else w_scale, out, m, n, k,
-        x_q.stride(0), w_q.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=warps, num_stages=stages,
-    )
+    meta = dict(HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+    if impl == "tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        x_desc = TensorDescriptor.from_tensor(x_q, [bm, bk])
+        w_desc = TensorDescriptor.from_tensor(w_q, [bn, bk])
+        _w8a8_tma_kernel[grid](x_desc, w_desc, x_scale, w_scale, b, out, m, n, k, out.stride(0), **meta)
+    else:
+        _w8a8_kernel[grid](x_q, x_scale, w_q, w_scale, b, out, m, n, k, x_q.stride(0), w_q.stride(0),
+                           out.stride(0), **meta)
     return out

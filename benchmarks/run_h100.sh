@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, then the benchmarks; everything lands in $OUT.
+# Usage on the device machine: bash benchmarks/run_h100.sh [linear] [sweep] [tests]
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; fi
+# the repo root is the package comfyui_quantsparse: expose it under that name
+mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/comfyui_quantsparse && export PYTHONPATH=/tmp/pkg:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+for what in "$@"; do
+  case "$what" in
+    tests) python3 -m pytest -q -m "gpu or not comfyui" tests/test_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" ;;
+    linear) python3 benchmarks/bench_linear.py --out "$OUT/linear_h100.json" 2>&1 | tee "$OUT/linear.log" ;;
+    sweep) python3 benchmarks/bench_linear.py --sweep --tokens --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
+  esac
+done
