@@ -2,9 +2,9 @@
 
 ``q, scale = act_quant(x, smooth, qmax, rotate)`` computes, per row of ``x`` [M, K]:
 ``y = H128(x * smooth)``; ``scale = max|y| / qmax``; ``q = round(y / scale)`` as int8.
-The Triton kernel keeps a whole row in registers: one read of ``x``, one write of ``q``
-and ``scale``. The rotation runs on the tensor cores in FP16 after dividing the row by
-its pre-rotation maximum (so FP16 cannot overflow; entries of H are exactly +-1).
+The Triton kernel keeps whole rows in registers: one read of ``x``, one write of ``q``
+and ``scale``. The rotation runs on the tensor cores in FP16 after dividing each 128-chunk
+by its own maximum (so FP16 cannot overflow; entries of H are exactly +-1).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, tl, triton
+from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
 from .hadamard import BLOCK, block_hadamard, hadamard_matrix
 from .rounding import round_half_away
 
@@ -52,40 +52,51 @@ if HAS_TRITON:
 
     @triton.jit
     def _act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
-                          NB: tl.constexpr, HB: tl.constexpr, ROWS: tl.constexpr, QMAX: tl.constexpr,
+                          BM: tl.constexpr, NB: tl.constexpr, HB: tl.constexpr, QMAX: tl.constexpr,
                           HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, INV_SQRT_HB: tl.constexpr,
                           AMAX_MIN: tl.constexpr):
+        # A program quantizes BM whole rows, seen as R = BM * NB chunks of HB channels: chunk r is
+        # block r % NB of row r // NB. The rotation is then one [R, HB] x [HB, HB] tensor-core product.
+        R: tl.constexpr = BM * NB
         pid = tl.program_id(0)
-        blk = tl.arange(0, NB)
+        r = tl.arange(0, R)
         col = tl.arange(0, HB)
-        offs_k = blk[:, None] * HB + col[None, :]
-        kmask = offs_k < K
+        row = pid * BM + r // NB
+        kcol = (r % NB) * HB
+        chunk_ok = (row < M) & (kcol < K)
+        mask = chunk_ok[:, None]
+        x_offs = row.to(tl.int64)[:, None] * stride_xm + kcol[:, None] + col[None, :]
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
-            s = tl.load(smooth_ptr + offs_k, mask=kmask, other=0.0)
+            x = x * tl.load(smooth_ptr + kcol[:, None] + col[None, :], mask=mask, other=0.0)
         if ROTATE:
             h = tl.load(h_ptr + col[:, None] * HB + col[None, :])
-        for r in range(ROWS):
-            row = pid * ROWS + r
-            rmask = kmask & (row < M)
-            x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs_k, mask=rmask, other=0.0).to(tl.float32)
-            if HAS_SMOOTH:
-                x = x * s
-            if ROTATE:
-                pre = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), AMAX_MIN)
-                y = tl.dot((x / pre).to(tl.float16), h, out_dtype=tl.float32) * (pre * INV_SQRT_HB)
-            else:
-                y = x
-            amax = tl.maximum(tl.max(tl.max(tl.abs(y), axis=1), axis=0), AMAX_MIN)
-            scale = amax / QMAX
-            v = y / scale
-            v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
-            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-            tl.store(q_ptr + row.to(tl.int64) * stride_qm + offs_k, v.to(tl.int8), mask=rmask)
-            tl.store(scale_ptr + row, scale, mask=row < M)
+            # Divide each chunk by its own maximum so FP16 cannot overflow; H is exactly +-1 in FP16.
+            cmax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_MIN)
+            y = tl.dot((x / cmax[:, None]).to(tl.float16), h, out_dtype=tl.float32)
+            y = y * (cmax * INV_SQRT_HB)[:, None]
+        else:
+            y = x
+        chunk_amax = tl.max(tl.abs(y), axis=1)
+        row_amax = tl.maximum(tl.max(tl.reshape(chunk_amax, (BM, NB)), axis=1), AMAX_MIN)
+        scale = row_amax / QMAX
+        chunk_scale = tl.reshape(tl.broadcast_to(scale[:, None], (BM, NB)), (R,))
+        v = y / chunk_scale[:, None]
+        v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        q_offs = row.to(tl.int64)[:, None] * stride_qm + kcol[:, None] + col[None, :]
+        tl.store(q_ptr + q_offs, v.to(tl.int8), mask=mask)
+        rows = pid * BM + tl.arange(0, BM)
+        tl.store(scale_ptr + rows, scale, mask=rows < M)
+
+
+# Chunks per program (BM * NB) and warps, tuned on the H100 by benchmarks/bench_linear.py --sweep.
+ACT_QUANT_CHUNKS = 128
+ACT_QUANT_WARPS = 8
 
 
 def act_quant_triton(x: torch.Tensor, smooth: torch.Tensor | None = None, qmax: int = 127,
-                     rotate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     rotate: bool = True, config=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton kernel, same contract as :func:`act_quant_reference`."""
     _check(x, smooth, qmax, rotate)
     if x.stride(1) != 1:
@@ -95,14 +106,18 @@ def act_quant_triton(x: torch.Tensor, smooth: torch.Tensor | None = None, qmax: 
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
-    nb = max(16, next_pow2(triton.cdiv(k, BLOCK)))
+    nb = next_pow2(triton.cdiv(k, BLOCK))
+    chunks, warps = (16, 4) if interpreting() else (ACT_QUANT_CHUNKS, ACT_QUANT_WARPS)
+    if config is not None:
+        chunks, warps = config
+    bm = max(1, chunks // nb)
+    if bm * nb < 16:  # the tensor-core product needs at least 16 rows
+        bm = 16 // nb
     h = hadamard_matrix(BLOCK, dtype=torch.float16, device=x.device, normalized=False) if rotate else x
     sm = smooth.to(device=x.device, dtype=torch.float32).contiguous() if smooth is not None else x
-    rows = 1 if m < 4096 else 2
-    num_warps = 4 if nb <= 32 else 8
-    _act_quant_kernel[(triton.cdiv(m, rows),)](
+    _act_quant_kernel[(triton.cdiv(m, bm),)](
         x, sm, h, q, scale, m, k, x.stride(0), q.stride(0),
-        NB=nb, HB=BLOCK, ROWS=rows, QMAX=qmax, HAS_SMOOTH=smooth is not None, ROTATE=rotate,
-        INV_SQRT_HB=1.0 / math.sqrt(BLOCK), AMAX_MIN=AMAX_FLOOR, num_warps=num_warps,
+        BM=bm, NB=nb, HB=BLOCK, QMAX=qmax, HAS_SMOOTH=smooth is not None, ROTATE=rotate,
+        INV_SQRT_HB=1.0 / math.sqrt(BLOCK), AMAX_MIN=AMAX_FLOOR, num_warps=warps,
     )
     return q, scale

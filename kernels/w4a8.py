@@ -126,7 +126,53 @@ if HAS_TRITON:
         tl.store(o_ptrs, out, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-# (impl, BM, BN, GROUP_M, num_warps, num_stages); impl "ptr" or "tma" as in w8a8.py.
+    @triton.jit
+    def _w4a8_tma_b_kernel(x_desc, w_desc, xs_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, stride_om, stride_wsn,
+                           GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           GROUP_M: tl.constexpr, HALF_K: tl.constexpr):
+        # Variant: activations are operand A (TMA into shared memory), the unpacked weight is operand B.
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+        m0 = pid_m * BM
+        n0 = pid_n * BN
+        rn = n0 + tl.arange(0, BN)
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        facc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kt in range(0, K // (2 * HALF_K)):
+            packed = w_desc.load([n0, kt * HALF_K])
+            w_lo = (packed << 4) >> 4
+            w_hi = packed >> 4
+            x_lo = x_desc.load([m0, kt * 2 * HALF_K])
+            x_hi = x_desc.load([m0, kt * 2 * HALF_K + HALF_K])
+            if GROUPED:
+                part = tl.dot(x_lo, w_lo.T, out_dtype=tl.int32)
+                part = tl.dot(x_hi, w_hi.T, part, out_dtype=tl.int32)
+                gs = tl.load(ws_ptr + rn * stride_wsn + kt, mask=rn < N, other=0.0).to(tl.float32)
+                facc += part.to(tl.float32) * gs[None, :]
+            else:
+                acc = tl.dot(x_lo, w_lo.T, acc, out_dtype=tl.int32)
+                acc = tl.dot(x_hi, w_hi.T, acc, out_dtype=tl.int32)
+        rm = m0 + tl.arange(0, BM)
+        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
+        if GROUPED:
+            out = facc * xs[:, None]
+        else:
+            ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+            out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        o_ptrs = o_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# (impl, BM, BN, GROUP_M, num_warps, num_stages); impl "ptr" or "tma" as in w8a8.py, or
+# "tma_b" (weight as the shared-memory operand B instead of the register operand A).
 # BM is the token tile, BN the weight tile. Tuned on the H100 by benchmarks/bench_linear.py.
 W4A8_CONFIG = ("ptr", 256, 128, 8, 8, 3)
 _INTERPRET_CONFIG = ("ptr", 32, 32, 4, 4, 1)
@@ -146,12 +192,13 @@ def w4a8_gemm_triton(x_q, x_scale, w_packed, w_scale, bias=None, out_dtype=torch
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     meta = dict(GROUPED=group_size != 0, HAS_BIAS=bias is not None, BM=bm, BN=bn, GROUP_M=gm, HALF_K=HALF,
                 num_warps=warps, num_stages=stages)
-    if impl == "tma":
+    if impl in ("tma", "tma_b"):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         x_desc = TensorDescriptor.from_tensor(x_q, [bm, HALF])
         w_desc = TensorDescriptor.from_tensor(w_packed, [bn, HALF])
-        _w4a8_tma_kernel[grid](x_desc, w_desc, x_scale, w_scale, b, out, m, n, k, out.stride(0), wsn, **meta)
+        kernel = _w4a8_tma_kernel if impl == "tma" else _w4a8_tma_b_kernel
+        kernel[grid](x_desc, w_desc, x_scale, w_scale, b, out, m, n, k, out.stride(0), wsn, **meta)
     else:
         _w4a8_kernel[grid](x_q, x_scale, w_packed, w_scale, b, out, m, n, k, x_q.stride(0), w_packed.stride(0),
                            out.stride(0), wsn, **meta)
