@@ -1,0 +1,47 @@
+"""The "Load QuantSparse Model" node."""
+
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io, ui
+
+from .folders import checkpoint_path, list_checkpoints
+from .model import load_quantsparse_model
+
+
+class QuantSparseLoader(io.ComfyNode):
+    """Lists models/quantsparse/*.safetensors; returns a MODEL for the stock samplers."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QuantSparseLoader",
+            display_name="Load QuantSparse Model",
+            category="QuantSparse",
+            description="Loads a QuantSparse checkpoint (quantized HunyuanVideo) from models/quantsparse/. "
+                        "The MODEL works with the stock samplers; its quantized Linears run QuantSparse kernels.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=list_checkpoints(),
+                               tooltip="A .safetensors file in models/quantsparse/ written by QuantSparse "
+                                       "(the 'quantsparse convert' command or the Calibrate node)."),
+            ],
+            outputs=[io.Model.Output(tooltip="HunyuanVideo with QuantSparse-quantized Linears.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, ckpt_name: str) -> str:
+        # ComfyUI reuses a node's output while its inputs are unchanged; a checkpoint rewritten under
+        # the same name (re-calibrated, re-converted) must be loaded again.
+        try:
+            path = checkpoint_path(ckpt_name)
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return ckpt_name
+        return f"{ckpt_name}:{st.st_size}:{st.st_mtime_ns}"
+
+    @classmethod
+    def execute(cls, ckpt_name: str) -> io.NodeOutput:
+        path = checkpoint_path(ckpt_name)
+        model, summary = load_quantsparse_model(path)
+        return io.NodeOutput(model, ui=ui.PreviewText(summary.text()))

@@ -1,0 +1,198 @@
+"""ComfyUI's model code driven directly (no server): detection, memory accounting, low-VRAM, LoRA refusal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfyui
+
+QKV = "diffusion_model.double_blocks.0.img_attn.qkv"
+FINAL = "diffusion_model.final_layer.linear"
+
+
+@pytest.fixture(scope="module")
+def qs(comfy_inprocess):
+    """The pack's ComfyUI modules, imported once ComfyUI is importable."""
+    from comfyui_quantsparse.nodes import folders, model, ops, patcher
+
+    class NS:
+        pass
+
+    ns = NS()
+    ns.folders, ns.model, ns.ops, ns.patcher = folders, model, ops, patcher
+    return ns
+
+
+def inputs(seed: int = 0, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 2, 8, 8, generator=g)
+    kw = dict(c_crossattn=torch.randn(1, 6, 64, generator=g), y=torch.randn(1, 768, generator=g),
+              guidance=torch.tensor([6.0]))
+    return x.to(device), torch.tensor([0.7], device=device), {k: v.to(device) for k, v in kw.items()}
+
+
+def run(patcher, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    x, t, kw = inputs(seed, device)
+    with torch.no_grad():
+        return patcher.model.apply_model(x, t, **kw).float().cpu()
+
+
+def test_comfyui_detects_and_builds_hunyuanvideo_with_quantized_linears(qs, tiny_files):
+    import comfy.model_base
+    from comfyui_quantsparse.quantsparse.checkpoint import validate_checkpoint
+
+    info = validate_checkpoint(tiny_files.w4a8)
+    p, summary = qs.model.load_quantsparse_model(str(tiny_files.w4a8))
+    assert isinstance(p, qs.patcher.QuantSparseModelPatcher)
+    # Detection read only BF16 tensors, yet found the right model and sizes.
+    assert type(p.model) is comfy.model_base.HunyuanVideo
+    cfg = p.model.model_config.unet_config
+    assert (cfg["hidden_size"], cfg["depth"], cfg["depth_single_blocks"], cfg["vec_in_dim"]) == (
+        info.dims.hidden_size, info.dims.depth, info.dims.depth_single_blocks, 768)
+    quantized = qs.ops.quantized_modules(p.model)
+    assert {n.removeprefix("diffusion_model.") for n in quantized} == set(info.layers)
+    for name, m in quantized.items():
+        spec = info.layers[name.removeprefix("diffusion_model.")]
+        assert (m.quant_kind, m.in_features, m.out_features) == (spec.kind, spec.in_features, spec.out_features)
+    final = p.model.diffusion_model.final_layer.linear
+    assert final.quant_kind is None and final.weight.shape == (final.out_features, final.in_features)
+    assert summary.quantized_layers == len(info.layers) and summary.bits == "w4a8"
+    out = run(p)
+    assert torch.isfinite(out).all() and out.std() > 0
+
+
+def test_memory_accounting_sees_quantized_sizes(qs, tiny_files):
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+
+    p, summary = qs.model.load_quantsparse_model(str(tiny_files.w4a8))
+    for name, m in qs.ops.quantized_modules(p.model).items():
+        own = sum(t.nbytes for t in (m.weight, m.weight_scale, m.smooth, m.bias) if t is not None)
+        assert comfy.model_management.module_size(m) == own, name
+        assert own < 2 * m.in_features * m.out_features, name  # below BF16, let alone the compute dtype
+    assert p.model_size() == sum(t.nbytes for t in p.model.state_dict().values())
+    dense = comfy.sd.load_diffusion_model_state_dict(comfy.utils.load_torch_file(str(tiny_files.bf16)),
+                                                     disable_dynamic=True)
+    assert dense.model_dtype() == p.model_dtype()  # same dtype for the layers both keep dense
+    assert p.model_size() * 2 < dense.model_size()
+    assert summary.model_bytes == p.model_size()
+
+
+def test_lowvram_partial_load_matches_full_load(qs, tiny_files):
+    """ModelPatcher.load with a tiny budget streams every layer per call (comfy_cast_weights)."""
+    import comfy.model_management
+
+    p, _ = qs.model.load_quantsparse_model(str(tiny_files.w4a8))
+    device = comfy.model_management.get_torch_device()
+    p.load(device, full_load=True)
+    assert not p.model.model_lowvram
+    full = run(p, device=device.type)
+    p.detach()
+
+    p.load(device, lowvram_model_memory=64 * 1024, full_load=False)
+    try:
+        assert p.model.model_lowvram
+        streamed = [n for n, m in qs.ops.quantized_modules(p.model).items() if hasattr(m, "prev_comfy_cast_weights")]
+        assert len(streamed) > len(qs.ops.quantized_modules(p.model)) // 2
+        low = run(p, device=device.type)
+    finally:
+        p.detach()
+    assert not p.model.model_lowvram
+    torch.testing.assert_close(low, full, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the per-call host->GPU move needs a CUDA device")
+def test_lowvram_moves_host_weights_to_the_gpu_per_call(qs, tiny_files):
+    p, _ = qs.model.load_quantsparse_model(str(tiny_files.w4a8))
+    cuda = torch.device("cuda")
+    p.load(cuda, full_load=True)
+    full = run(p, device="cuda")
+    p.detach()
+    p.load(cuda, lowvram_model_memory=64 * 1024, full_load=False)
+    try:
+        on_host = [m for m in qs.ops.quantized_modules(p.model).values() if m.weight.device.type == "cpu"]
+        assert on_host, "expected low-VRAM mode to leave some quantized layers on the host"
+        low = run(p, device="cuda")
+    finally:
+        p.detach()
+    torch.testing.assert_close(low, full, rtol=0, atol=0)
+
+
+def test_lora_on_quantized_layer_is_refused_and_on_bf16_layer_applies(qs, tiny_files):
+    import comfy.hooks
+    import comfy.sd
+    import comfy.utils
+
+    p, _ = qs.model.load_quantsparse_model(str(tiny_files.w4a8))
+    assert isinstance(p.clone(), qs.patcher.QuantSparseModelPatcher)  # LoRA loaders patch a clone
+    qkv_lora = comfy.utils.load_torch_file(str(tiny_files.qkv_lora))
+    with pytest.raises(ValueError) as e:
+        comfy.sd.load_lora_for_models(p, None, qkv_lora, 1.0, 0.0)
+    assert "LoRA is not supported on QuantSparse quantized layers yet" in str(e.value)
+    assert "double_blocks.0.img_attn.qkv" in str(e.value)
+    assert p.patches == {}
+
+    with pytest.raises(ValueError, match="quantized layer"):
+        p.clone().add_hook_patches(comfy.hooks.WeightHook(), {f"{QKV}.weight": ("diff", (torch.zeros(1),))})
+    with pytest.raises(ValueError, match="quantized layer"):
+        p.clone().add_weight_wrapper(f"{QKV}.weight", lambda w: w)
+
+    base = run(p)
+    final_lora = comfy.utils.load_torch_file(str(tiny_files.final_lora))
+    patched, _ = comfy.sd.load_lora_for_models(p, None, final_lora, 1.0, 0.0)
+    assert set(patched.patches) == {f"{FINAL}.weight"}
+    patched.patch_model()
+    try:
+        out = run(patched)
+    finally:
+        patched.unpatch_model()
+    assert (out - base).abs().max() > 1e-3
+    torch.testing.assert_close(run(p), base, rtol=0, atol=0)  # unpatching restored the BF16 weight
+
+
+def test_mismatched_quantized_tensor_names_the_layer(qs, tiny_files):
+    """Defence behind validate_checkpoint: the operations class checks shapes against the model."""
+    import comfy.sd
+    from comfyui_quantsparse.quantsparse.checkpoint import load_checkpoint
+
+    sd, info = load_checkpoint(tiny_files.w4a8)
+    key = "double_blocks.0.img_attn.qkv.weight"
+    sd[key] = sd[key][:, :-1].contiguous()
+    with pytest.raises(RuntimeError, match=r"double_blocks\.0\.img_attn\.qkv\.weight: expected torch\.int8"):
+        comfy.sd.load_diffusion_model_state_dict(
+            sd, model_options={"custom_operations": qs.ops.quantsparse_ops(info.layers)}, disable_dynamic=True)
+
+
+def test_widget_file_names_cannot_leave_the_folder(qs, tmp_path, monkeypatch):
+    import folder_paths
+
+    folder = tmp_path / "quantsparse"
+    folder.mkdir()
+    (folder / "ok.safetensors").write_bytes(b"x")
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "quantsparse", ([str(folder)], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+
+    assert qs.folders.checkpoint_path("ok.safetensors") == str(folder / "ok.safetensors")
+    for bad in ("../outside.safetensors", str(tmp_path / "outside.safetensors"), "a/../../outside.safetensors"):
+        with pytest.raises(ValueError, match="inside models/quantsparse"):
+            qs.folders.checkpoint_path(bad)
+    with pytest.raises(ValueError, match="not a .safetensors file"):
+        qs.folders.checkpoint_path("ok.ckpt")
+    with pytest.raises(FileNotFoundError):
+        qs.folders.checkpoint_path("missing.safetensors")
+
+
+def test_folder_registration_keeps_user_paths_and_filters_extensions(qs, monkeypatch):
+    import os
+
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "quantsparse", (["/from/extra_model_paths"], set()))
+    qs.folders.register_folder()
+    qs.folders.register_folder()
+    paths, exts = folder_paths.folder_names_and_paths["quantsparse"]
+    assert paths == [os.path.join(folder_paths.models_dir, "quantsparse"), "/from/extra_model_paths"]
+    assert exts == {".safetensors"}
