@@ -143,14 +143,24 @@ def main(argv=None):
                 bf16_ms = bench_ms(lambda: F.linear(x, w_bf16, b))
                 quant_ms = bench_ms(lambda: quantized_linear(x, wq, ws, sm, b, kind=kind, group_size=0, rotate=True))
                 aq_ms = bench_ms(lambda: kernels.act_quant(x, sm))
+                inloop_ms = None
+                if kind == "w4a8":  # the in-loop-unpack kernel, for the record (the product path unpacks at large M)
+                    def inloop():
+                        x_q, x_s = kernels.act_quant(x, sm)
+                        return w4a8.w4a8_gemm_triton(x_q, x_s, wq, ws, b, torch.bfloat16, 0, config=w4a8.W4A8_CONFIG)
+                    inloop_ms = bench_ms(inloop)
                 row = {"bits": kind, "K": k, "N": n, "M": m, "bf16_ms": round(bf16_ms, 4), "quant_ms": round(quant_ms, 4),
                        "speedup": round(bf16_ms / quant_ms, 3), "act_quant_ms": round(aq_ms, 4),
                        "bf16_tflops": round(2 * m * n * k / bf16_ms / 1e9, 1),
                        "gemm_tops": round(2 * m * n * k / (quant_ms - aq_ms) / 1e9, 1),
                        "kernel_vs_reference": kernel_err, "quant_vs_bf16": quant_err}
+                if inloop_ms is not None:
+                    row["inloop_unpack_ms"] = round(inloop_ms, 4)
+                    row["inloop_unpack_speedup"] = round(bf16_ms / inloop_ms, 3)
                 result["rows"].append(row)
                 log(f"{kind} M={m:6d} K={k:5d} N={n:5d}  bf16 {bf16_ms:7.3f} ms  quant {quant_ms:7.3f} ms "
-                    f"(act {aq_ms:.3f})  x{bf16_ms / quant_ms:.2f}  err {kernel_err:.1e}/{quant_err:.3f}")
+                    f"(act {aq_ms:.3f})  x{bf16_ms / quant_ms:.2f}  err {kernel_err:.1e}/{quant_err:.3f}"
+                    + (f"  in-loop {inloop_ms:.3f} x{bf16_ms / inloop_ms:.2f}" if inloop_ms else ""))
                 del w_bf16, qt
             del x
             torch.cuda.empty_cache()

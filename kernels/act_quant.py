@@ -1,7 +1,8 @@
 """Per-token symmetric activation quantization with smoothing and block-Hadamard rotation fused.
 
 ``q, scale = act_quant(x, smooth, qmax, rotate)`` computes, per row of ``x`` [M, K]:
-``y = H128(x * smooth)``; ``scale = max|y| / qmax``; ``q = round(y / scale)`` as int8.
+``y = H128(x * smooth)``; ``scale = max|y| / qmax``; ``q = round(y * qmax / max|y|)`` as int8
+(round to nearest, ties to even).
 The Triton kernel keeps whole rows in registers: one read of ``x``, one write of ``q``
 and ``scale``. The rotation runs on the tensor cores in FP16 after dividing each 128-chunk
 by its own maximum (so FP16 cannot overflow; entries of H are exactly +-1).
@@ -15,7 +16,7 @@ import torch
 
 from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
 from .hadamard import BLOCK, block_hadamard, hadamard_matrix
-from .rounding import round_half_away
+from .rounding import RINT_MAGIC, round_half_even
 
 AMAX_FLOOR = 1e-8  # an all-zero row gets scale AMAX_FLOOR / qmax and codes 0
 
@@ -44,7 +45,7 @@ def act_quant_reference(x: torch.Tensor, smooth: torch.Tensor | None = None, qma
         y = block_hadamard(y)
     amax = y.abs().amax(dim=1).clamp_min(AMAX_FLOOR)
     scale = (amax / qmax).to(torch.float32)
-    q = round_half_away(y / scale.to(torch.float64)[:, None]).clamp(-qmax, qmax)
+    q = round_half_even(y * (qmax / amax)[:, None]).clamp(-qmax, qmax)
     return q.to(torch.int8), scale
 
 
@@ -54,7 +55,7 @@ if HAS_TRITON:
     def _act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
                           BM: tl.constexpr, NB: tl.constexpr, HB: tl.constexpr, QMAX: tl.constexpr,
                           HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, INV_SQRT_HB: tl.constexpr,
-                          AMAX_MIN: tl.constexpr):
+                          AMAX_MIN: tl.constexpr, RINT: tl.constexpr):
         # A program quantizes BM whole rows, seen as R = BM * NB chunks of HB channels: chunk r is
         # block r % NB of row r // NB. The rotation is then one [R, HB] x [HB, HB] tensor-core product.
         R: tl.constexpr = BM * NB
@@ -73,16 +74,16 @@ if HAS_TRITON:
             h = tl.load(h_ptr + col[:, None] * HB + col[None, :])
             # Divide each chunk by its own maximum so FP16 cannot overflow; H is exactly +-1 in FP16.
             cmax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_MIN)
-            y = tl.dot((x / cmax[:, None]).to(tl.float16), h, out_dtype=tl.float32)
+            y = tl.dot((x * (1.0 / cmax)[:, None]).to(tl.float16), h, out_dtype=tl.float32)
             y = y * (cmax * INV_SQRT_HB)[:, None]
         else:
             y = x
         chunk_amax = tl.max(tl.abs(y), axis=1)
         row_amax = tl.maximum(tl.max(tl.reshape(chunk_amax, (BM, NB)), axis=1), AMAX_MIN)
         scale = row_amax / QMAX
-        chunk_scale = tl.reshape(tl.broadcast_to(scale[:, None], (BM, NB)), (R,))
-        v = y / chunk_scale[:, None]
-        v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
+        chunk_inv = tl.reshape(tl.broadcast_to((QMAX / row_amax)[:, None], (BM, NB)), (R,))
+        v = y * chunk_inv[:, None]
+        v = (v + RINT) - RINT  # round to nearest even
         v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
         q_offs = row.to(tl.int64)[:, None] * stride_qm + kcol[:, None] + col[None, :]
         tl.store(q_ptr + q_offs, v.to(tl.int8), mask=mask)
@@ -90,9 +91,11 @@ if HAS_TRITON:
         tl.store(scale_ptr + rows, scale, mask=rows < M)
 
 
-# Chunks per program (BM * NB) and warps, tuned on the H100 by benchmarks/bench_linear.py --sweep.
-ACT_QUANT_CHUNKS = 128
-ACT_QUANT_WARPS = 8
+
+
+def default_config(nb: int) -> tuple[int, int]:
+    """(chunks of 128 channels per program, warps), from the H100 sweep of benchmarks/bench_linear.py."""
+    return (64, 4) if nb <= 32 else (128, 8)
 
 
 def act_quant_triton(x: torch.Tensor, smooth: torch.Tensor | None = None, qmax: int = 127,
@@ -107,7 +110,7 @@ def act_quant_triton(x: torch.Tensor, smooth: torch.Tensor | None = None, qmax: 
     if m == 0:
         return q, scale
     nb = next_pow2(triton.cdiv(k, BLOCK))
-    chunks, warps = (16, 4) if interpreting() else (ACT_QUANT_CHUNKS, ACT_QUANT_WARPS)
+    chunks, warps = (16, 4) if interpreting() else default_config(nb)
     if config is not None:
         chunks, warps = config
     bm = max(1, chunks // nb)
@@ -118,6 +121,6 @@ def act_quant_triton(x: torch.Tensor, smooth: torch.Tensor | None = None, qmax: 
     _act_quant_kernel[(triton.cdiv(m, bm),)](
         x, sm, h, q, scale, m, k, x.stride(0), q.stride(0),
         BM=bm, NB=nb, HB=BLOCK, QMAX=qmax, HAS_SMOOTH=smooth is not None, ROTATE=rotate,
-        INV_SQRT_HB=1.0 / math.sqrt(BLOCK), AMAX_MIN=AMAX_FLOOR, num_warps=warps,
+        INV_SQRT_HB=1.0 / math.sqrt(BLOCK), AMAX_MIN=AMAX_FLOOR, RINT=RINT_MAGIC, num_warps=warps,
     )
     return q, scale

@@ -171,11 +171,39 @@ if HAS_TRITON:
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+    @triton.jit
+    def _unpack_int4_kernel(p_ptr, o_ptr, N, KH, BN: tl.constexpr, HALF_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        kt = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        j = tl.arange(0, HALF_K)
+        mask = (rn < N)[:, None]
+        packed = tl.load(p_ptr + rn.to(tl.int64)[:, None] * KH + kt * HALF_K + j[None, :], mask=mask, other=0)
+        base = o_ptr + rn.to(tl.int64)[:, None] * (2 * KH) + kt * 2 * HALF_K + j[None, :]
+        tl.store(base, (packed << 4) >> 4, mask=mask)
+        tl.store(base + HALF_K, packed >> 4, mask=mask)
+
+
 # (impl, BM, BN, GROUP_M, num_warps, num_stages); impl "ptr" or "tma" as in w8a8.py, or
 # "tma_b" (weight as the shared-memory operand B instead of the register operand A).
 # BM is the token tile, BN the weight tile. Tuned on the H100 by benchmarks/bench_linear.py.
-W4A8_CONFIG = ("ptr", 256, 128, 8, 8, 3)
+W4A8_CONFIG = ("tma", 256, 128, 8, 8, 3)
 _INTERPRET_CONFIG = ("ptr", 32, 32, 4, 4, 1)
+# From this many tokens on, a per-channel W4A8 layer unpacks its weight to an INT8 scratch
+# buffer (one layer's worth, freed after the call) and runs the W8A8 kernel: Triton 3.6 keeps
+# a wgmma whose operand A sits in registers synchronous, which holds the in-loop kernel near
+# 700 TOPS on the H100 against 1.2 POPS for W8A8, while the unpack costs under 1% of the GEMM
+# at this size (benchmarks/results/linear_h100.json has both).
+UNPACK_MIN_TOKENS = 2048
+
+
+def unpack_int4_triton(packed: torch.Tensor) -> torch.Tensor:
+    """Triton kernel, same contract as :func:`.int4.unpack_int4` (its reference)."""
+    n, kh = packed.shape
+    out = torch.empty((n, kh * 2), dtype=torch.int8, device=packed.device)
+    bn = 32 if interpreting() else 64
+    _unpack_int4_kernel[(triton.cdiv(n, bn), kh // HALF)](packed.contiguous(), out, n, kh, BN=bn, HALF_K=HALF)
+    return out
 
 
 def w4a8_gemm_triton(x_q, x_scale, w_packed, w_scale, bias=None, out_dtype=torch.bfloat16, group_size=0, config=None):
@@ -184,6 +212,14 @@ def w4a8_gemm_triton(x_q, x_scale, w_packed, w_scale, bias=None, out_dtype=torch
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
+    if config is None and group_size == 0 and m >= UNPACK_MIN_TOKENS:
+        config = ("unpack",)
+    if config is not None and config[0] == "unpack":
+        from .w8a8 import w8a8_gemm_triton
+
+        if group_size:
+            raise ValueError("w4a8_gemm: the unpack path needs per-channel scales (group_size=0)")
+        return w8a8_gemm_triton(x_q, x_scale, unpack_int4_triton(w_packed), w_scale, bias, out_dtype)
     impl, bm, bn, gm, warps, stages = config or (_INTERPRET_CONFIG if interpreting() else W4A8_CONFIG)
     x_q, w_packed = x_q.contiguous(), w_packed.contiguous()
     w_scale = w_scale.contiguous()

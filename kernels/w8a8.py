@@ -89,7 +89,8 @@ if HAS_TRITON:
 
 # (impl, BM, BN, BK, GROUP_M, num_warps, num_stages); impl "ptr" loads through pointers,
 # "tma" through Hopper's tensor-memory accelerator. Tuned on the H100 by benchmarks/bench_linear.py.
-W8A8_CONFIG = ("ptr", 128, 256, 128, 8, 8, 3)
+W8A8_CONFIG = ("tma", 128, 256, 128, 8, 8, 4)
+W8A8_CONFIG_LARGE_K = ("tma", 256, 128, 128, 8, 8, 3)  # K >= 8192: the MLP-out and single-block out layers
 _INTERPRET_CONFIG = ("ptr", 32, 32, 128, 4, 4, 1)
 
 
@@ -99,7 +100,9 @@ def w8a8_gemm_triton(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bflo
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0:
         return out
-    impl, bm, bn, bk, gm, warps, stages = config or (_INTERPRET_CONFIG if interpreting() else W8A8_CONFIG)
+    if config is None:
+        config = _INTERPRET_CONFIG if interpreting() else (W8A8_CONFIG_LARGE_K if k >= 8192 else W8A8_CONFIG)
+    impl, bm, bn, bk, gm, warps, stages = config
     x_q, w_q = x_q.contiguous(), w_q.contiguous()
     b = bias if bias is not None else w_scale
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)

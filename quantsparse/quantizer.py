@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import block_hadamard, pack_int4, unpack_int4
-from ..kernels.rounding import round_half_away
+from ..kernels.rounding import round_half_even
 from .config import BIT_SCHEMES, WEIGHT_ONLY_SCHEME, qmax
 
 SCALE_FLOOR = 1e-10
@@ -89,7 +89,7 @@ def quantize_weight(w: torch.Tensor, kind: str, *, group_size: int = 0, smooth: 
         amax = amax * clip.to(torch.float64).reshape(n, -1)
     qm = qmax(wbits)
     scale = (amax / qm).clamp_min(SCALE_FLOOR)
-    codes = round_half_away(grouped / scale[..., None]).clamp(-qm, qm).to(torch.int8).reshape(n, k)
+    codes = round_half_even(grouped / scale[..., None]).clamp(-qm, qm).to(torch.int8).reshape(n, k)
     packed = pack_int4(codes) if wbits == 4 else codes
     scale_t = scale.to(torch.float16 if group_size else torch.float32)
     if not group_size:

@@ -155,6 +155,28 @@ def test_w4a16_gemm_matches_reference(kernel_device, m, k, n, group_size):
     assert rel_err(out.cpu(), ref) < 1e-2  # FP16/BF16 operands and output
 
 
+def test_unpack_int4_kernel_matches_reference(kernel_device):
+    from comfyui_quantsparse.kernels.w4a8 import unpack_int4_triton
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(-8, 8, (70, 384), generator=gen, dtype=torch.int8)
+    packed = pack_int4(q).to(kernel_device)
+    assert torch.equal(unpack_int4_triton(packed).cpu(), q)
+
+
+def test_w4a8_unpack_path_matches_reference(kernel_device):
+    gen = torch.Generator().manual_seed(4)
+    x_q, x_s, _, w_s, bias = int8_operands(45, 256, 384, kernel_device, gen)
+    packed = pack_int4(torch.randint(-7, 8, (256, 384), generator=gen, dtype=torch.int8)).to(kernel_device)
+    out_dtype = torch.float16 if kernel_device == "cpu" else torch.bfloat16
+    out = w4a8_gemm_triton(x_q, x_s, packed, w_s, bias, out_dtype, 0, config=("unpack",))
+    ref = w4a8_gemm_reference(x_q.cpu(), x_s.cpu(), packed.cpu(), w_s.cpu(), bias.cpu(), torch.float64)
+    assert rel_err(out.cpu(), ref) < 4e-3
+    with pytest.raises(ValueError, match="per-channel"):
+        w4a8_gemm_triton(x_q, x_s, packed, w_s[:, None].expand(-1, 3).contiguous().half(), bias, out_dtype, 128,
+                         config=("unpack",))
+
+
 def test_gemm_rejects_bad_input():
     x_q = torch.zeros(4, 128, dtype=torch.int8)
     x_s = torch.ones(4)
