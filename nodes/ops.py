@@ -25,7 +25,8 @@ from ..quantsparse.quantizer import is_packed, kind_bits
 
 LORA_UNSUPPORTED = (
     "LoRA is not supported on QuantSparse quantized layers yet: apply the LoRA to the BF16 model "
-    "before converting/calibrating, then load the new QuantSparse checkpoint"
+    "before converting/calibrating, then load the new QuantSparse checkpoint (or try ComfyUI's experimental "
+    "'Load LoRA (Bypass)' node, which adds the LoRA beside the quantized layers instead of patching them)"
 )
 
 _QUANT_TENSORS = ("weight", "weight_scale", "smooth", "bias")

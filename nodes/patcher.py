@@ -4,6 +4,8 @@ ComfyUI applies a LoRA by adding the low-rank delta to ``layer.weight`` (at load
 in low-VRAM mode). On a quantized layer that weight is packed integer codes in a rotated,
 smoothed basis: the sum would be silently wrong (or a shape error deep inside sampling).
 So the patch is refused where it is added, with a message that says what to do instead.
+ComfyUI's bypass LoRA (``load_bypass_lora_for_models``) is not refused: it wraps the layer's
+forward and adds ``up(down(x))`` to whatever the layer returns, which is exact on our layers.
 ``ModelPatcher.clone`` builds ``self.__class__``, so every clone (LoRA loaders clone first)
 keeps these refusals.
 """

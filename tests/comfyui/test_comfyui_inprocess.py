@@ -196,3 +196,25 @@ def test_folder_registration_keeps_user_paths_and_filters_extensions(qs, monkeyp
     paths, exts = folder_paths.folder_names_and_paths["quantsparse"]
     assert paths == [os.path.join(folder_paths.models_dir, "quantsparse"), "/from/extra_model_paths"]
     assert exts == {".safetensors"}
+
+
+def test_bypass_lora_adds_beside_a_quantized_layer(qs, tiny_files):
+    """The alternative the refusal message names: bypass LoRA gives quantized(x) + up(down(x)) exactly."""
+    import comfy.sd
+    import comfy.utils
+
+    p, _ = qs.model.load_quantsparse_model(str(tiny_files.w4a8))
+    lora = comfy.utils.load_torch_file(str(tiny_files.qkv_lora))
+    up, down = lora[f"{QKV}.lora_up.weight"], lora[f"{QKV}.lora_down.weight"]  # alpha = rank: scale 1
+    layer = p.model.diffusion_model.double_blocks[0].img_attn.qkv
+    x = torch.randn(1, 5, layer.in_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = layer(x)
+    bypassed, _ = comfy.sd.load_bypass_lora_for_models(p, None, lora, 1.0, 0.0)
+    bypassed.patch_model()
+    try:
+        with torch.no_grad():
+            with_lora = layer(x)
+    finally:
+        bypassed.unpatch_model()
+    torch.testing.assert_close(with_lora, plain + x @ down.T @ up.T, rtol=1e-5, atol=1e-4)
