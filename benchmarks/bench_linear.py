@@ -40,7 +40,8 @@ W4A8_SWEEP = [
     ("ptr", 128, 128, 8, 8, 3), ("tma_b", 128, 128, 8, 8, 3), ("tma_b", 128, 256, 8, 8, 3),
     ("tma_b", 256, 128, 8, 8, 3), ("tma_b", 128, 128, 8, 4, 4), ("tma_b", 64, 128, 8, 4, 4),
 ]
-ACT_QUANT_SWEEP = [(128, 8), (64, 4), (128, 4), (256, 8), (64, 8), (32, 4)]
+ACT_QUANT_SWEEP = [(64, 4, 4, 1), (64, 4, 8, 1), (64, 4, 4, 2), (32, 4, 8, 2), (64, 8, 4, 1), (128, 8, 2, 1),
+                   (128, 8, 2, 2), (128, 4, 4, 1), (32, 2, 16, 1)]
 SWEEP_SHAPES = [(3072, 3072), (12288, 3072), (3072, 21504)]
 
 
@@ -74,9 +75,9 @@ def check_layer(x, w_bf16, b, qt, kind):
     return kernel_vs_ref, quant_vs_bf16
 
 
-def sweep(gen, log):
+def sweep(gen, log, what):
     best = {}
-    for kind, cfgs in (("w8a8", W8A8_SWEEP), ("w4a8", W4A8_SWEEP)):
+    for kind, cfgs in (() if what == "act" else (("w8a8", W8A8_SWEEP), ("w4a8", W4A8_SWEEP))):
         for k, n in SWEEP_SHAPES:
             m = 118800
             x = activations(m, k, gen)
@@ -120,7 +121,7 @@ def sweep(gen, log):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/linear_h100.json")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", choices=["all", "act"], help="time tile configurations first")
     ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "bench_linear needs a CUDA GPU"
@@ -131,7 +132,7 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(0)
     result = dict(env, rows=[])
     if args.sweep:
-        result["act_quant"] = sweep(gen, log)
+        result["act_quant"] = sweep(gen, log, args.sweep)
     for m in args.tokens:
         for k, n in SHAPES:
             x = activations(m, k, gen)

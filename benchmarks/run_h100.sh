@@ -10,8 +10,10 @@ mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/comfyui_quantsparse && export PYTHO
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 for what in "$@"; do
   case "$what" in
-    tests) python3 -m pytest -q -m "gpu or not comfyui" tests/test_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" ;;
+    tests) python3 -m pytest -q -m "gpu or not comfyui" tests/test_kernels.py tests/test_gluon_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" ;;
     linear) python3 benchmarks/bench_linear.py --out "$OUT/linear_h100.json" 2>&1 | tee "$OUT/linear.log" ;;
-    sweep) python3 benchmarks/bench_linear.py --sweep --tokens --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
+    sweep) python3 benchmarks/bench_linear.py --sweep all --tokens --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
+    sweep-act) python3 benchmarks/bench_linear.py --sweep act --tokens --out "$OUT/sweep_act.json" 2>&1 | tee "$OUT/sweep_act.log" ;;
+    gluon) python3 benchmarks/gluon_check.py --out "$OUT/gluon.json" 2>&1 | tee "$OUT/gluon.log" ;;
   esac
 done

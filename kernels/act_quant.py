@@ -10,6 +10,7 @@ by its own maximum (so FP16 cannot overflow; entries of H are exactly +-1).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -55,47 +56,54 @@ if HAS_TRITON:
     def _act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
                           BM: tl.constexpr, NB: tl.constexpr, HB: tl.constexpr, QMAX: tl.constexpr,
                           HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, INV_SQRT_HB: tl.constexpr,
-                          AMAX_MIN: tl.constexpr, RINT: tl.constexpr):
-        # A program quantizes BM whole rows, seen as R = BM * NB chunks of HB channels: chunk r is
-        # block r % NB of row r // NB. The rotation is then one [R, HB] x [HB, HB] tensor-core product.
+                          AMAX_MIN: tl.constexpr, RINT: tl.constexpr, STAGES: tl.constexpr):
+        # Persistent: a program loads H (and the smoothing vector) once, then walks tiles of BM whole
+        # rows. A tile is seen as R = BM * NB chunks of HB channels (chunk r is block r % NB of row
+        # r // NB), so the rotation is one [R, HB] x [HB, HB] tensor-core product.
         R: tl.constexpr = BM * NB
-        pid = tl.program_id(0)
         r = tl.arange(0, R)
         col = tl.arange(0, HB)
-        row = pid * BM + r // NB
         kcol = (r % NB) * HB
-        chunk_ok = (row < M) & (kcol < K)
-        mask = chunk_ok[:, None]
-        x_offs = row.to(tl.int64)[:, None] * stride_xm + kcol[:, None] + col[None, :]
-        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            x = x * tl.load(smooth_ptr + kcol[:, None] + col[None, :], mask=mask, other=0.0)
+        col_ok = kcol < K
         if ROTATE:
             h = tl.load(h_ptr + col[:, None] * HB + col[None, :])
-            # Divide each chunk by its own maximum so FP16 cannot overflow; H is exactly +-1 in FP16.
-            cmax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_MIN)
-            y = tl.dot((x * (1.0 / cmax)[:, None]).to(tl.float16), h, out_dtype=tl.float32)
-            y = y * (cmax * INV_SQRT_HB)[:, None]
-        else:
-            y = x
-        chunk_amax = tl.max(tl.abs(y), axis=1)
-        row_amax = tl.maximum(tl.max(tl.reshape(chunk_amax, (BM, NB)), axis=1), AMAX_MIN)
-        scale = row_amax / QMAX
-        chunk_inv = tl.reshape(tl.broadcast_to((QMAX / row_amax)[:, None], (BM, NB)), (R,))
-        v = y * chunk_inv[:, None]
-        v = (v + RINT) - RINT  # round to nearest even
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        q_offs = row.to(tl.int64)[:, None] * stride_qm + kcol[:, None] + col[None, :]
-        tl.store(q_ptr + q_offs, v.to(tl.int8), mask=mask)
-        rows = pid * BM + tl.arange(0, BM)
-        tl.store(scale_ptr + rows, scale, mask=rows < M)
+        if HAS_SMOOTH:
+            s = tl.load(smooth_ptr + kcol[:, None] + col[None, :], mask=col_ok[:, None], other=0.0)
+        num_tiles = tl.cdiv(M, BM)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), num_stages=STAGES):
+            row = tile * BM + r // NB
+            mask = ((row < M) & col_ok)[:, None]
+            x_offs = row.to(tl.int64)[:, None] * stride_xm + kcol[:, None] + col[None, :]
+            x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                x = x * s
+            if ROTATE:
+                # Divide each chunk by its own maximum so FP16 cannot overflow; H is exactly +-1 in FP16.
+                cmax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_MIN)
+                y = tl.dot((x * (1.0 / cmax)[:, None]).to(tl.float16), h, out_dtype=tl.float32)
+                y = y * (cmax * INV_SQRT_HB)[:, None]
+            else:
+                y = x
+            chunk_amax = tl.max(tl.abs(y), axis=1)
+            row_amax = tl.maximum(tl.max(tl.reshape(chunk_amax, (BM, NB)), axis=1), AMAX_MIN)
+            chunk_inv = tl.reshape(tl.broadcast_to((QMAX / row_amax)[:, None], (BM, NB)), (R,))
+            v = y * chunk_inv[:, None]
+            v = (v + RINT) - RINT  # round to nearest even
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            q_offs = row.to(tl.int64)[:, None] * stride_qm + kcol[:, None] + col[None, :]
+            tl.store(q_ptr + q_offs, v.to(tl.int8), mask=mask)
+            rows = tile * BM + tl.arange(0, BM)
+            tl.store(scale_ptr + rows, row_amax / QMAX, mask=rows < M)
+
+def default_config(nb: int) -> tuple[int, int, int, int]:
+    """(chunks of 128 channels per tile, warps, programs per SM, pipeline stages), from the H100
+    sweep of benchmarks/bench_linear.py."""
+    return (64, 4, 4, 1) if nb <= 32 else (128, 8, 2, 1)
 
 
-
-
-def default_config(nb: int) -> tuple[int, int]:
-    """(chunks of 128 channels per program, warps), from the H100 sweep of benchmarks/bench_linear.py."""
-    return (64, 4) if nb <= 32 else (128, 8)
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def act_quant_triton(x: torch.Tensor, smooth: torch.Tensor | None = None, qmax: int = 127,
@@ -110,17 +118,20 @@ def act_quant_triton(x: torch.Tensor, smooth: torch.Tensor | None = None, qmax: 
     if m == 0:
         return q, scale
     nb = next_pow2(triton.cdiv(k, BLOCK))
-    chunks, warps = (16, 4) if interpreting() else default_config(nb)
+    chunks, warps, per_sm, stages = (16, 4, 1, 1) if interpreting() else default_config(nb)
     if config is not None:
-        chunks, warps = config
+        chunks, warps, per_sm, stages = config
     bm = max(1, chunks // nb)
     if bm * nb < 16:  # the tensor-core product needs at least 16 rows
         bm = 16 // nb
     h = hadamard_matrix(BLOCK, dtype=torch.float16, device=x.device, normalized=False) if rotate else x
     sm = smooth.to(device=x.device, dtype=torch.float32).contiguous() if smooth is not None else x
-    _act_quant_kernel[(triton.cdiv(m, bm),)](
+    tiles = triton.cdiv(m, bm)
+    programs = min(tiles, 3 if x.device.type != "cuda" else per_sm * _sm_count(x.device.index or 0))
+    _act_quant_kernel[(programs,)](
         x, sm, h, q, scale, m, k, x.stride(0), q.stride(0),
         BM=bm, NB=nb, HB=BLOCK, QMAX=qmax, HAS_SMOOTH=smooth is not None, ROTATE=rotate,
-        INV_SQRT_HB=1.0 / math.sqrt(BLOCK), AMAX_MIN=AMAX_FLOOR, RINT=RINT_MAGIC, num_warps=warps,
+        INV_SQRT_HB=1.0 / math.sqrt(BLOCK), AMAX_MIN=AMAX_FLOOR, RINT=RINT_MAGIC, STAGES=stages,
+        num_warps=warps,
     )
     return q, scale
