@@ -4,8 +4,10 @@ The released model is 25.6 GB and many users have 24 GB of RAM, so the converter
 the model: it plans the output from the source header alone (every output shape and dtype is
 known without data), writes the header, then loads one source tensor, quantizes or casts it,
 writes it at its offset and drops it. Peak memory is about one tensor in float64 during
-quantization (~0.5 GB for the largest, 21504 x 3072). The source is re-opened per tensor
-because a memory map that stays open keeps every page it touched resident.
+quantization (~0.5 GB for the largest, 21504 x 3072), less in row chunks. Tensors are read
+with ``pread`` (:class:`TensorFile`), not ``safetensors.safe_open``: that maps the whole file
+privately, which Linux refuses for a file larger than RAM + swap (the 25.6 GB model on a
+24 GB machine), and a map keeps every page it touched resident.
 
 Round-to-nearest here; the calibration node passes its learned smoothing and clipping through
 the same function.
@@ -28,7 +30,9 @@ from .config import QuantSparseConfig
 from .hunyuan.dims import HunyuanVideoDims, dims_from_state_dict
 from .hunyuan.model import reference_state_shapes
 from .quantizer import QuantizedWeight, quantize_weight
-from .safetensors_io import SafetensorsError, SafetensorsHeader, SafetensorsWriter, check_destination, read_header
+from .safetensors_io import (
+    SafetensorsError, SafetensorsHeader, SafetensorsWriter, TensorFile, check_destination, read_header,
+)
 
 SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CHUNK_ELEMENTS = 1 << 20  # rows per quantize_weight call: 8 MB of float64 temporaries
@@ -136,8 +140,6 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike,
     ``smooth`` and ``clip`` (by layer prefix) carry calibrated values; absent layers get
     round-to-nearest. ``dst`` appears complete or not at all.
     """
-    from safetensors import safe_open
-
     config = config or QuantSparseConfig()
     start = time.perf_counter()
     source = inspect_source(src)
@@ -157,14 +159,14 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike,
     total_bytes = sum(source.header.tensors[source.source_key(n)].nbytes for n in order)
     done_bytes = 0
     try:
-        with SafetensorsWriter(dst_path, plan, {METADATA_KEY: meta.to_json()}, overwrite=overwrite) as writer:
+        with TensorFile(source.header) as reader, \
+                SafetensorsWriter(dst_path, plan, {METADATA_KEY: meta.to_json()}, overwrite=overwrite) as writer:
             for i, name in enumerate(order):
                 key = source.source_key(name)
-                with safe_open(source.path, framework="pt") as f:
-                    t = f.get_tensor(key)
-                    for out_name, out in _convert_tensor(name, t, layers, smooth, clip):
-                        writer.write(out_name, out)
-                    del t
+                t = reader.get(key)
+                for out_name, out in _convert_tensor(name, t, layers, smooth, clip):
+                    writer.write(out_name, out)
+                del t
                 done_bytes += source.header.tensors[key].nbytes
                 if progress is not None:
                     progress(Progress(i + 1, len(order), done_bytes, total_bytes, name))

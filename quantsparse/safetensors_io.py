@@ -8,7 +8,10 @@ would write for the same tensors and metadata (same tensor order, same compact h
 padded to 8 bytes), so any safetensors reader takes it. Writes are atomic: a temporary file
 in the destination folder, fsync, then ``os.replace``; a failure never leaves a partial file.
 
-Tensor data is read elsewhere with ``safetensors.safe_open``; nothing here unpickles.
+Tensor data: :class:`TensorFile` reads one tensor's bytes at its offset (``pread``, no memory
+map). ``safetensors.safe_open`` cannot open the 25.6 GB model on a 24 GB machine: for PyTorch
+it maps the whole file privately and writable, which Linux refuses (ENOMEM) when the file is
+larger than RAM + swap. Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -261,6 +264,42 @@ def _parse_entry(path: str, name: str, info: object) -> TensorEntry:
             f"but shape {shape} of {dtype} needs {need} bytes; re-create the file."
         )
     return TensorEntry(name, ST_DTYPES[dtype], tuple(shape), offsets[0], offsets[1])
+
+
+class TensorFile:
+    """Reads tensors of a checked header one at a time, each into its own memory.
+
+    Memory is exactly the tensor read: no mapping keeps touched pages resident, so streaming
+    a file larger than RAM stays at one tensor.
+    """
+
+    def __init__(self, header: SafetensorsHeader):
+        self.header = header
+        self._f = open(header.path, "rb", buffering=0)
+        if os.fstat(self._f.fileno()).st_size != header.file_size:
+            self._f.close()
+            raise SafetensorsError(f"{header.path} changed size since its header was read; run again.")
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def get(self, name: str) -> torch.Tensor:
+        e = self.header.tensors[name]
+        out = torch.empty(e.end - e.begin, dtype=torch.uint8)
+        view = memoryview(out.numpy()).cast("B")
+        pos, done = self.header.data_start + e.begin, 0
+        while done < len(view):
+            n = os.preadv(self._f.fileno(), [view[done:done + _WRITE_CHUNK]], pos + done)
+            if n == 0:
+                raise _truncated(self.header.path, f"it ended while reading tensor {name!r}")
+            done += n
+        return out.view(e.dtype).reshape(e.shape)
 
 
 # --------------------------------------------------------------------------------------- writing

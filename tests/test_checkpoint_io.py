@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from comfyui_quantsparse.quantsparse.safetensors_io import (
-    SafetensorsError, TensorSpec, read_header, spec_of, write_safetensors,
+    SafetensorsError, TensorFile, TensorSpec, read_header, spec_of, write_safetensors,
 )
 
 
@@ -84,6 +84,25 @@ def test_header_reader_reports_shapes_dtypes_and_metadata_without_data(tmp_path)
     assert h.file_size == os.path.getsize(path)
     with safe_open(path, framework="pt") as f:  # offsets agree with the library's reader
         assert list(h.tensors) == sorted(f.keys(), key=lambda k: h.tensors[k].begin)
+
+
+def test_tensor_file_reads_what_save_file_wrote(tmp_path):
+    tensors = _tensors()
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, path)
+    with TensorFile(read_header(path)) as f:
+        for k, v in tensors.items():
+            got = f.get(k)
+            assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+
+
+def test_tensor_file_notices_a_file_cut_after_its_header_was_read(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file(_tensors(), path)
+    header = read_header(path)
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(SafetensorsError, match="changed size"):
+        TensorFile(header)
 
 
 def test_failure_mid_write_leaves_no_file_and_no_temp(tmp_path):

@@ -65,6 +65,20 @@ def test_output_is_a_plain_safetensors_file(converted):
     assert result.ratio == pytest.approx(result.src_bytes / result.dst_bytes)
 
 
+def test_converter_does_not_memory_map_the_source(src, converted, tmp_path, monkeypatch):
+    """safe_open maps the whole file privately: Linux refuses that (ENOMEM) for the 25.6 GB model
+    on a 24 GB machine without swap, which the storage benchmark hit. The converter must not use it."""
+    import safetensors
+
+    def refuse(*a, **k):
+        raise RuntimeError("unable to mmap: Cannot allocate memory (12)")
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    out = tmp_path / "out.safetensors"
+    convert_file(src, out)
+    assert out.read_bytes() == converted[0].read_bytes()
+
+
 def test_prefixed_source_converts_to_the_same_file(sd, converted, tmp_path):
     prefixed = tmp_path / "prefixed.safetensors"
     save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()}, prefixed)
