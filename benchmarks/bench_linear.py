@@ -40,8 +40,9 @@ W4A8_SWEEP = [
     ("ptr", 128, 128, 8, 8, 3), ("tma_b", 128, 128, 8, 8, 3), ("tma_b", 128, 256, 8, 8, 3),
     ("tma_b", 256, 128, 8, 8, 3), ("tma_b", 128, 128, 8, 4, 4), ("tma_b", 64, 128, 8, 4, 4),
 ]
-ACT_QUANT_SWEEP = [(64, 4, 4, 1), (64, 4, 8, 1), (64, 4, 4, 2), (32, 4, 8, 2), (64, 8, 4, 1), (128, 8, 2, 1),
-                   (128, 8, 2, 2), (128, 4, 4, 1), (32, 2, 16, 1)]
+ACT_QUANT_SWEEP = [("ptr", 32, 4, 8, 2), ("ptr", 128, 8, 2, 2), ("tma", 32, 4, 8, 1), ("tma", 32, 4, 8, 2),
+                   ("tma", 32, 4, 4, 2), ("tma", 64, 4, 4, 2), ("tma", 64, 8, 4, 2), ("tma", 128, 8, 2, 2),
+                   ("tma", 128, 8, 2, 1), ("tma", 16, 4, 12, 2), ("tma", 128, 4, 3, 2)]
 SWEEP_SHAPES = [(3072, 3072), (12288, 3072), (3072, 21504)]
 
 
@@ -114,6 +115,9 @@ def sweep(gen, log, what):
             gbs = x.numel() * 3 / ms / 1e6
             log(f"act_quant K={k} {cfg}: {ms:.3f} ms  {gbs:.0f} GB/s (bf16 read + int8 write)  mismatch {same:.1e}")
             aq.append({"K": k, "config": cfg, "ms": ms, "GBps": gbs})
+        for cfg in ACT_QUANT_SWEEP[:3]:  # the price of the rotation: the same kernels without it
+            ms = bench_ms(lambda: act_quant_triton(x, sm, rotate=False, config=cfg))
+            log(f"act_quant K={k} {cfg} rotate=False: {ms:.3f} ms  {x.numel() * 3 / ms / 1e6:.0f} GB/s")
         del x, ref_q
     return aq
 

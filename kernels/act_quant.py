@@ -95,10 +95,47 @@ if HAS_TRITON:
             rows = tile * BM + tl.arange(0, BM)
             tl.store(scale_ptr + rows, row_amax / QMAX, mask=rows < M)
 
-def default_config(nb: int) -> tuple[int, int, int, int]:
-    """(chunks of 128 channels per tile, warps, programs per SM, pipeline stages), from the H100
-    sweep of benchmarks/bench_linear.py."""
-    return (64, 4, 4, 1) if nb <= 32 else (128, 8, 2, 1)
+    @triton.jit
+    def _act_quant_tma_kernel(x_desc, q_desc, smooth_ptr, h_ptr, scale_ptr, M, K,
+                              BM: tl.constexpr, NB: tl.constexpr, HB: tl.constexpr, QMAX: tl.constexpr,
+                              HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, INV_SQRT_HB: tl.constexpr,
+                              AMAX_MIN: tl.constexpr, RINT: tl.constexpr, STAGES: tl.constexpr):
+        # Same computation as _act_quant_kernel, with x and q seen as [M, K / HB, HB] and moved by
+        # the tensor-memory accelerator in [BM, NB, HB] boxes: no per-element pointers in registers,
+        # and chunks past K or M are zero-filled on load and dropped on store by the hardware.
+        R: tl.constexpr = BM * NB
+        col = tl.arange(0, HB)
+        blk = tl.arange(0, NB)
+        if ROTATE:
+            h = tl.load(h_ptr + col[:, None] * HB + col[None, :])
+        if HAS_SMOOTH:
+            s = tl.load(smooth_ptr + (blk * HB)[:, None] + col[None, :], mask=(blk * HB < K)[:, None], other=0.0)
+        num_tiles = tl.cdiv(M, BM)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), num_stages=STAGES):
+            x3 = x_desc.load([tile * BM, 0, 0]).to(tl.float32)
+            if HAS_SMOOTH:
+                x3 = x3 * s[None, :, :]
+            x = tl.reshape(x3, (R, HB))
+            if ROTATE:
+                cmax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_MIN)
+                y = tl.dot((x * (1.0 / cmax)[:, None]).to(tl.float16), h, out_dtype=tl.float32)
+                y = y * (cmax * INV_SQRT_HB)[:, None]
+            else:
+                y = x
+            chunk_amax = tl.max(tl.abs(y), axis=1)
+            row_amax = tl.maximum(tl.max(tl.reshape(chunk_amax, (BM, NB)), axis=1), AMAX_MIN)
+            chunk_inv = tl.reshape(tl.broadcast_to((QMAX / row_amax)[:, None], (BM, NB)), (R,))
+            v = y * chunk_inv[:, None]
+            v = (v + RINT) - RINT  # round to nearest even
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            q_desc.store([tile * BM, 0, 0], tl.reshape(v.to(tl.int8), (BM, NB, HB)))
+            rows = tile * BM + tl.arange(0, BM)
+            tl.store(scale_ptr + rows, row_amax / QMAX, mask=rows < M)
+
+def default_config(nb: int) -> tuple:
+    """(impl, chunks of 128 channels per tile, warps, programs per SM, pipeline stages), from the
+    H100 sweep of benchmarks/bench_linear.py."""
+    return ("ptr", 32, 4, 8, 2) if nb <= 32 else ("ptr", 128, 8, 2, 2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,9 +155,7 @@ def act_quant_triton(x: torch.Tensor, smooth: torch.Tensor | None = None, qmax: 
     if m == 0:
         return q, scale
     nb = next_pow2(triton.cdiv(k, BLOCK))
-    chunks, warps, per_sm, stages = (16, 4, 1, 1) if interpreting() else default_config(nb)
-    if config is not None:
-        chunks, warps, per_sm, stages = config
+    impl, chunks, warps, per_sm, stages = config or (("ptr", 16, 4, 1, 1) if interpreting() else default_config(nb))
     bm = max(1, chunks // nb)
     if bm * nb < 16:  # the tensor-core product needs at least 16 rows
         bm = 16 // nb
@@ -128,10 +163,16 @@ def act_quant_triton(x: torch.Tensor, smooth: torch.Tensor | None = None, qmax: 
     sm = smooth.to(device=x.device, dtype=torch.float32).contiguous() if smooth is not None else x
     tiles = triton.cdiv(m, bm)
     programs = min(tiles, 3 if x.device.type != "cuda" else per_sm * _sm_count(x.device.index or 0))
-    _act_quant_kernel[(programs,)](
-        x, sm, h, q, scale, m, k, x.stride(0), q.stride(0),
-        BM=bm, NB=nb, HB=BLOCK, QMAX=qmax, HAS_SMOOTH=smooth is not None, ROTATE=rotate,
-        INV_SQRT_HB=1.0 / math.sqrt(BLOCK), AMAX_MIN=AMAX_FLOOR, RINT=RINT_MAGIC, STAGES=stages,
-        num_warps=warps,
-    )
+    meta = dict(BM=bm, NB=nb, HB=BLOCK, QMAX=qmax, HAS_SMOOTH=smooth is not None, ROTATE=rotate,
+                INV_SQRT_HB=1.0 / math.sqrt(BLOCK), AMAX_MIN=AMAX_FLOOR, RINT=RINT_MAGIC, STAGES=stages,
+                num_warps=warps)
+    if impl == "tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kb = k // BLOCK
+        x_desc = TensorDescriptor(x, [m, kb, BLOCK], [x.stride(0), BLOCK, 1], [bm, nb, BLOCK])
+        q_desc = TensorDescriptor(q, [m, kb, BLOCK], [q.stride(0), BLOCK, 1], [bm, nb, BLOCK])
+        _act_quant_tma_kernel[(programs,)](x_desc, q_desc, sm, h, scale, m, k, **meta)
+    else:
+        _act_quant_kernel[(programs,)](x, sm, h, q, scale, m, k, x.stride(0), q.stride(0), **meta)
     return q, scale
