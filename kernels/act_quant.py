@@ -112,16 +112,22 @@ if HAS_TRITON:
             s = tl.load(smooth_ptr + (blk * HB)[:, None] + col[None, :], mask=(blk * HB < K)[:, None], other=0.0)
         num_tiles = tl.cdiv(M, BM)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), num_stages=STAGES):
-            x3 = x_desc.load([tile * BM, 0, 0]).to(tl.float32)
-            if HAS_SMOOTH:
-                x3 = x3 * s[None, :, :]
-            x = tl.reshape(x3, (R, HB))
-            if ROTATE:
-                cmax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_MIN)
-                y = tl.dot((x * (1.0 / cmax)[:, None]).to(tl.float16), h, out_dtype=tl.float32)
-                y = y * (cmax * INV_SQRT_HB)[:, None]
+            x3 = x_desc.load([tile * BM, 0, 0])
+            if ROTATE and not HAS_SMOOTH:
+                # No smoothing: x goes from the TMA buffer to the tensor cores as it is (BF16 or FP16
+                # times +-1 is exact, the sum is FP32), never through an FP32 copy in registers.
+                y = tl.dot(tl.reshape(x3, (R, HB)), h.to(x3.dtype), out_dtype=tl.float32) * INV_SQRT_HB
             else:
-                y = x
+                x3 = x3.to(tl.float32)
+                if HAS_SMOOTH:
+                    x3 = x3 * s[None, :, :]
+                x = tl.reshape(x3, (R, HB))
+                if ROTATE:
+                    cmax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_MIN)
+                    y = tl.dot((x * (1.0 / cmax)[:, None]).to(tl.float16), h, out_dtype=tl.float32)
+                    y = y * (cmax * INV_SQRT_HB)[:, None]
+                else:
+                    y = x
             chunk_amax = tl.max(tl.abs(y), axis=1)
             row_amax = tl.maximum(tl.max(tl.reshape(chunk_amax, (BM, NB)), axis=1), AMAX_MIN)
             chunk_inv = tl.reshape(tl.broadcast_to((QMAX / row_amax)[:, None], (BM, NB)), (R,))
@@ -135,7 +141,7 @@ if HAS_TRITON:
 def default_config(nb: int) -> tuple:
     """(impl, chunks of 128 channels per tile, warps, programs per SM, pipeline stages), from the
     H100 sweep of benchmarks/bench_linear.py."""
-    return ("ptr", 32, 4, 8, 2) if nb <= 32 else ("ptr", 128, 8, 2, 2)
+    return ("tma", 64, 4, 4, 2) if nb <= 32 else ("tma", 128, 8, 2, 2)
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from .. import kernels
 from .config import qmax
 from .quantizer import QuantizedWeight, is_packed, kind_bits, quantize_weight
+
+
+_IDENTITY: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, bool]]" = weakref.WeakKeyDictionary()
+
+
+def nontrivial_smooth(smooth: torch.Tensor | None) -> torch.Tensor | None:
+    """``smooth``, or None when it is all ones (round-to-nearest checkpoints), so that the
+    activation kernel can feed the tensor cores straight from memory. Checked once per tensor
+    version, not per call."""
+    if smooth is None:
+        return None
+    seen = _IDENTITY.get(smooth)
+    if seen is None or seen[0] != smooth._version:
+        seen = (smooth._version, bool((smooth == 1).all()))
+        _IDENTITY[smooth] = seen
+    return None if seen[1] else smooth
 
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, smooth: torch.Tensor | None,
@@ -19,7 +37,7 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     if abits == 16:
         out = kernels.w4a16_gemm(x2, weight, weight_scale, bias, group_size)
     else:
-        x_q, x_scale = kernels.act_quant(x2, smooth, qmax(abits), rotate)
+        x_q, x_scale = kernels.act_quant(x2, nontrivial_smooth(smooth), qmax(abits), rotate)
         if wbits == 4:
             out = kernels.w4a8_gemm(x_q, x_scale, weight, weight_scale, bias, x.dtype, group_size)
         else:

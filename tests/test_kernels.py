@@ -8,6 +8,8 @@ HunyuanVideo, text and video tokens of two samples stacked in one batch.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -46,8 +48,9 @@ def test_act_quant_matches_reference(kernel_device, m, k, n, qmax):
     dtype = torch.float16 if kernel_device == "cpu" else torch.bfloat16
     x = activations(m, k, kernel_device, dtype, gen)
     smooth = (torch.rand(k, generator=gen) + 0.5).to(kernel_device)
-    for sm, rot in [(smooth, True), (None, True), (smooth, False)]:
-        q, s = act_quant_triton(x, sm, qmax, rot)
+    cfgs = [("ptr", 16, 4, 1, 1), ("tma", 16, 4, 1, 1)] if kernel_device == "cpu" else [None, ("ptr", 32, 4, 8, 2)]
+    for (sm, rot), cfg in itertools.product([(smooth, True), (None, True), (smooth, False)], cfgs):
+        q, s = act_quant_triton(x, sm, qmax, rot, config=cfg)
         qr, sr = act_quant_reference(x.cpu(), None if sm is None else sm.cpu(), qmax, rot)
         q, s = q.cpu(), s.cpu()
         assert q.dtype == torch.int8 and s.dtype == torch.float32
