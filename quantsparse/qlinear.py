@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
@@ -12,19 +10,16 @@ from .config import qmax
 from .quantizer import QuantizedWeight, is_packed, kind_bits, quantize_weight
 
 
-_IDENTITY: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, bool]]" = weakref.WeakKeyDictionary()
-
-
 def nontrivial_smooth(smooth: torch.Tensor | None) -> torch.Tensor | None:
     """``smooth``, or None when it is all ones (round-to-nearest checkpoints), so that the
     activation kernel can feed the tensor cores straight from memory. Checked once per tensor
     version, not per call."""
     if smooth is None:
         return None
-    seen = _IDENTITY.get(smooth)
+    seen = getattr(smooth, "_quantsparse_identity", None)
     if seen is None or seen[0] != smooth._version:
         seen = (smooth._version, bool((smooth == 1).all()))
-        _IDENTITY[smooth] = seen
+        smooth._quantsparse_identity = seen
     return None if seen[1] else smooth
 
 
