@@ -99,7 +99,8 @@ if HAS_TRITON:
     def _act_quant_tma_kernel(x_desc, q_desc, smooth_ptr, h_ptr, scale_ptr, M, K,
                               BM: tl.constexpr, NB: tl.constexpr, HB: tl.constexpr, QMAX: tl.constexpr,
                               HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, INV_SQRT_HB: tl.constexpr,
-                              AMAX_MIN: tl.constexpr, RINT: tl.constexpr, STAGES: tl.constexpr):
+                              AMAX_MIN: tl.constexpr, RINT: tl.constexpr, STAGES: tl.constexpr,
+                              DIRECT: tl.constexpr):
         # Same computation as _act_quant_kernel, with x and q seen as [M, K / HB, HB] and moved by
         # the tensor-memory accelerator in [BM, NB, HB] boxes: no per-element pointers in registers,
         # and chunks past K or M are zero-filled on load and dropped on store by the hardware.
@@ -113,7 +114,7 @@ if HAS_TRITON:
         num_tiles = tl.cdiv(M, BM)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), num_stages=STAGES):
             x3 = x_desc.load([tile * BM, 0, 0])
-            if ROTATE and not HAS_SMOOTH:
+            if ROTATE and DIRECT:
                 # No smoothing: x goes from the TMA buffer to the tensor cores as it is (BF16 or FP16
                 # times +-1 is exact, the sum is FP32), never through an FP32 copy in registers.
                 y = tl.dot(tl.reshape(x3, (R, HB)), h.to(x3.dtype), out_dtype=tl.float32) * INV_SQRT_HB
@@ -178,7 +179,8 @@ def act_quant_triton(x: torch.Tensor, smooth: torch.Tensor | None = None, qmax: 
         kb = k // BLOCK
         x_desc = TensorDescriptor(x, [m, kb, BLOCK], [x.stride(0), BLOCK, 1], [bm, nb, BLOCK])
         q_desc = TensorDescriptor(q, [m, kb, BLOCK], [q.stride(0), BLOCK, 1], [bm, nb, BLOCK])
-        _act_quant_tma_kernel[(programs,)](x_desc, q_desc, sm, h, scale, m, k, **meta)
+        direct = smooth is None and x.dtype in (torch.float16, torch.bfloat16)  # FP32 would run as TF32
+        _act_quant_tma_kernel[(programs,)](x_desc, q_desc, sm, h, scale, m, k, DIRECT=direct, **meta)
     else:
         _act_quant_kernel[(programs,)](x, sm, h, q, scale, m, k, x.stride(0), q.stride(0), **meta)
     return q, scale
