@@ -1,9 +1,10 @@
 """Triton kernels, each beside an eager PyTorch reference with the same signature.
 
 The public functions below pick the Triton kernel for CUDA tensors when Triton is present
-and the reference otherwise (CPU works, slowly). Set QUANTSPARSE_KERNELS=reference to force
-the references everywhere (debugging), or =triton to force Triton (tests under
-TRITON_INTERPRET=1 on the CPU).
+and the reference otherwise (CPU works, slowly); on Hopper (sm_90) the INT8 GEMMs run the
+warp-specialized Gluon kernels. Set QUANTSPARSE_KERNELS=reference to force the references
+everywhere (debugging), or =triton to force Triton (tests under TRITON_INTERPRET=1 on the
+CPU); QUANTSPARSE_GLUON=0 keeps the plain Triton GEMMs on Hopper.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from .int4 import PACK_TILE, pack_int4, unpack_int4
 from .w4a8 import w4a8_gemm_reference, w4a8_gemm_triton
 from .w4a16 import w4a16_gemm_reference, w4a16_gemm_triton
 from .w8a8 import w8a8_gemm_reference, w8a8_gemm_triton
+from .w4a8_gluon import w4a8_gemm_gluon, w4a8_gluon_config
+from .w8a8_gluon import HAS_GLUON, w8a8_gemm_gluon, w8a8_gluon_config
+from .w4a8_gluon import _MAX_K as _W4A8_GLUON_MAX_K
 
 __all__ = [
-    "act_quant", "w8a8_gemm", "w4a8_gemm", "w4a16_gemm", "use_triton", "HAS_TRITON",
+    "act_quant", "w8a8_gemm", "w4a8_gemm", "w4a16_gemm", "use_triton", "use_gluon", "HAS_TRITON", "HAS_GLUON",
+    "w8a8_gemm_gluon", "w4a8_gemm_gluon",
     "pack_int4", "unpack_int4", "PACK_TILE", "block_hadamard", "hadamard_matrix",
     "act_quant_reference", "act_quant_triton", "w8a8_gemm_reference", "w8a8_gemm_triton",
     "w4a8_gemm_reference", "w4a8_gemm_triton", "w4a16_gemm_reference", "w4a16_gemm_triton",
@@ -38,18 +43,39 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def use_gluon(t: torch.Tensor, n: int, out_dtype: torch.dtype) -> bool:
+    """The Gluon GEMMs: CUDA sm_90, N a multiple of 8 (TMA stores), FP16/BF16 output."""
+    if not (HAS_GLUON and t.is_cuda and os.environ.get("QUANTSPARSE_GLUON", "1") != "0"):
+        return False
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx] == (9, 0) and n % 8 == 0 and out_dtype in (torch.float16, torch.bfloat16)
+
+
 def act_quant(x, smooth=None, qmax=127, rotate=True):
     return (act_quant_triton if use_triton(x) else act_quant_reference)(x, smooth, qmax, rotate)
 
 
 def w8a8_gemm(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16):
-    fn = w8a8_gemm_triton if use_triton(x_q) else w8a8_gemm_reference
-    return fn(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    if not use_triton(x_q):
+        return w8a8_gemm_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    n, k = w_q.shape
+    if use_gluon(x_q, n, out_dtype):
+        return w8a8_gemm_gluon(x_q, x_scale, w_q, w_scale, bias, out_dtype, config=w8a8_gluon_config(k, n))
+    return w8a8_gemm_triton(x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
 
 def w4a8_gemm(x_q, x_scale, w_packed, w_scale, bias=None, out_dtype=torch.bfloat16, group_size=0):
-    fn = w4a8_gemm_triton if use_triton(x_q) else w4a8_gemm_reference
-    return fn(x_q, x_scale, w_packed, w_scale, bias, out_dtype, group_size)
+    if not use_triton(x_q):
+        return w4a8_gemm_reference(x_q, x_scale, w_packed, w_scale, bias, out_dtype, group_size)
+    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    if group_size == 0 and k <= _W4A8_GLUON_MAX_K and use_gluon(x_q, n, out_dtype):
+        return w4a8_gemm_gluon(x_q, x_scale, w_packed, w_scale, bias, out_dtype, 0, config=w4a8_gluon_config(k, n))
+    return w4a8_gemm_triton(x_q, x_scale, w_packed, w_scale, bias, out_dtype, group_size)
 
 
 def w4a16_gemm(x, w_packed, w_scale, bias=None, group_size=0):

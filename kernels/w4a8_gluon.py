@@ -175,6 +175,17 @@ if HAS_GLUON:
         ], [1], [PRODUCER_REGS])
 
 
+def w4a8_gluon_config(k: int, n: int) -> GluonGemmConfig:
+    """Per-shape choice from the H100 sweep (benchmarks/results/gluon_h100.json, M = 118,800):
+    4 epilogue buffers won at K=12288 (1549 vs 1428 TOPS) and N=21504 (1466 vs 1464); 5 stages
+    with one buffer at K=N=3072 (1448 vs 1412); the default elsewhere."""
+    if k >= 8192 or n >= 16384:
+        return W4A8_GLUON_CONFIG._replace(stages=4, epi_bufs=4)
+    if n <= 4096:
+        return W4A8_GLUON_CONFIG._replace(stages=5, epi_bufs=1)
+    return W4A8_GLUON_CONFIG
+
+
 def w4a8_smem_bytes(cfg: GluonGemmConfig) -> int:
     """Pipeline ring (activation tile + packed weight tile) + epilogue staging + vectors (+ barriers)."""
     return cfg.stages * (cfg.bm * cfg.bk + cfg.bn * cfg.bk // 2) + cfg.epi_bufs * cfg.epi_n * cfg.bn * 2 \

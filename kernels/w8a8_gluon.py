@@ -67,6 +67,15 @@ class GluonGemmConfig(NamedTuple):
 # 4 stages of 48 KB plus 2 x 16 KB of epilogue staging fit in the 227 KB a CTA may use.
 # Not yet tuned on the H100 (benchmarks/gluon_check.py sweeps it).
 W8A8_GLUON_CONFIG = GluonGemmConfig()
+
+
+def w8a8_gluon_config(k: int, n: int) -> GluonGemmConfig:
+    """Per-shape choice from the H100 sweep (benchmarks/results/gluon_h100.json, M = 118,800):
+    X from shared memory won at K=3072/N=3072 (1412 vs 1388 TOPS) and K=12288 (1511 vs 1436);
+    at N=21504 the split consumer partitions added more (1441 vs 1325)."""
+    if n >= 16384:
+        return W8A8_GLUON_CONFIG._replace(a_regs=False, split=True)
+    return W8A8_GLUON_CONFIG._replace(a_regs=False)
 _CONSUMER_REGS = 232  # 2 consumer warpgroups x 128 threads x 232 + 1 producer warpgroup x 40 <= 64K
 _PRODUCER_REGS = 40
 
