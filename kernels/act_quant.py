@@ -142,7 +142,7 @@ if HAS_TRITON:
 def default_config(nb: int) -> tuple:
     """(impl, chunks of 128 channels per tile, warps, programs per SM, pipeline stages), from the
     H100 sweep of benchmarks/bench_linear.py."""
-    return ("tma", 64, 4, 4, 2) if nb <= 32 else ("tma", 128, 8, 2, 2)
+    return ("tma", 128, 8, 2, 2) if nb <= 32 else ("tma", 64, 4, 4, 3)
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,7 +26,17 @@ def _sylvester(n: int) -> torch.Tensor:
 
 
 def hadamard_matrix(n: int = BLOCK, *, dtype=torch.float32, device=None, normalized: bool = True) -> torch.Tensor:
-    """Symmetric Sylvester Hadamard matrix; entries +-1, or +-1/sqrt(n) when normalized."""
+    """Symmetric Sylvester Hadamard matrix; entries +-1, or +-1/sqrt(n) when normalized.
+
+    Cached per (size, dtype, device, normalization) and shared: treat it as read-only. A fresh
+    copy per call would be a pageable host-to-device copy, which waits for every kernel already
+    queued and so stalls the GPU pipeline once per layer.
+    """
+    return _cached(n, dtype, torch.device(device) if device is not None else torch.device("cpu"), normalized)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached(n: int, dtype: torch.dtype, device: torch.device, normalized: bool) -> torch.Tensor:
     h = _sylvester(n)
     if normalized:
         h = h / math.sqrt(n)
