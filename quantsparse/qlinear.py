@@ -16,9 +16,13 @@ def nontrivial_smooth(smooth: torch.Tensor | None) -> torch.Tensor | None:
     version, not per call."""
     if smooth is None:
         return None
+    try:
+        version = smooth._version
+    except RuntimeError:  # an inference-mode tensor (ComfyUI samples under inference_mode): no version counter
+        version = -1
     seen = getattr(smooth, "_quantsparse_identity", None)
-    if seen is None or seen[0] != smooth._version:
-        seen = (smooth._version, bool((smooth == 1).all()))
+    if seen is None or seen[0] != version:
+        seen = (version, bool((smooth == 1).all()))
         smooth._quantsparse_identity = seen
     return None if seen[1] else smooth
 

@@ -206,3 +206,18 @@ def test_quantized_linear_gpu_matches_cpu_reference(kind):
     ref = q(x)
     out = q.cuda()(x.cuda()).cpu()
     assert rel_err(out, ref) < 1e-2
+
+
+def test_identity_smoothing_is_skipped_also_under_inference_mode():
+    """ComfyUI samples under torch.inference_mode(), whose tensors have no version counter."""
+    from comfyui_quantsparse.quantsparse.qlinear import nontrivial_smooth
+
+    with torch.inference_mode():
+        ones = torch.ones(128)
+        assert nontrivial_smooth(ones) is None
+        other = torch.full((128,), 2.0)
+        assert nontrivial_smooth(other) is other
+    trained = torch.ones(128)
+    assert nontrivial_smooth(trained) is None
+    trained[3] = 0.5  # an in-place update (calibration) is seen
+    assert nontrivial_smooth(trained) is trained

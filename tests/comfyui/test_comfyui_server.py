@@ -48,6 +48,14 @@ def saved_latent(server, entry: dict) -> torch.Tensor:
     return load_file(str(server.base / "output" / f["subfolder"] / f["filename"]))["latent_tensor"]
 
 
+def succeeded(entry: dict) -> bool:
+    """Assert the prompt ran; on failure show ComfyUI's own exception text, not the message list."""
+    errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+    detail = "; ".join(f"{e.get('node_type')}: {e.get('exception_type')}: {e.get('exception_message')}" for e in errors)
+    assert entry["status"]["status_str"] == "success", detail or entry["status"]
+    return True
+
+
 def execution_error(entry: dict) -> dict:
     assert entry["status"]["status_str"] == "error", f"expected an execution error, got {entry['status']}"
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
@@ -73,7 +81,7 @@ def test_loader_is_listed_with_only_safetensors(comfy_server, tiny_files):
 
 def test_tiny_w4a8_model_samples_with_stock_nodes(comfy_server, tiny_files):
     entry = comfy_server.run(sampling_graph(qs_loader(tiny_files.w4a8.name), ["1", 0], "qs_test/w4a8"))
-    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert succeeded(entry)
     latent = saved_latent(comfy_server, entry)
     assert latent.shape == (1, 16, 2, 8, 8)
     assert torch.isfinite(latent).all()
@@ -93,7 +101,7 @@ def test_quantized_sampling_tracks_the_bf16_model(comfy_server, tiny_files):
     dense_nodes = {"1": {"class_type": "UNETLoader",
                          "inputs": {"unet_name": tiny_files.bf16.name, "weight_dtype": "default"}}}
     entry = comfy_server.run(sampling_graph(dense_nodes, ["1", 0], "qs_test/cmp_bf16", 5))
-    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert succeeded(entry)
     d = saved_latent(comfy_server, entry)
     rel = ((q.float() - d.float()).norm() / d.float().norm()).item()
     assert 0 < rel < 0.35, rel
@@ -138,7 +146,7 @@ def test_lora_on_a_bf16_layer_still_applies(comfy_server, tiny_files):
     nodes["2"] = {"class_type": "LoraLoaderModelOnly",
                   "inputs": {"model": ["1", 0], "lora_name": tiny_files.final_lora.name, "strength_model": 1.0}}
     entry = comfy_server.run(sampling_graph(nodes, ["2", 0], "qs_test/finallora", 7))
-    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert succeeded(entry)
     with_lora = saved_latent(comfy_server, entry)
     assert torch.isfinite(with_lora).all()
     assert (with_lora.float() - base.float()).abs().max() > 1e-3
