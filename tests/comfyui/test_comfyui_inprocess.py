@@ -204,14 +204,19 @@ def test_bypass_lora_adds_beside_a_quantized_layer(qs, tiny_files):
     import comfy.utils
 
     p, _ = qs.model.load_quantsparse_model(str(tiny_files.w4a8))
+    dev = p.load_device  # the GPU where there is one: ComfyUI puts the bypass adapter there
     lora = comfy.utils.load_torch_file(str(tiny_files.qkv_lora))
-    up, down = lora[f"{QKV}.lora_up.weight"], lora[f"{QKV}.lora_down.weight"]  # alpha = rank: scale 1
+    up, down = (lora[f"{QKV}.lora_up.weight"].to(dev), lora[f"{QKV}.lora_down.weight"].to(dev))  # alpha = rank
     layer = p.model.diffusion_model.double_blocks[0].img_attn.qkv
-    x = torch.randn(1, 5, layer.in_features, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        plain = layer(x)
+    x = torch.randn(1, 5, layer.in_features, generator=torch.Generator().manual_seed(3)).to(dev)
     bypassed, _ = comfy.sd.load_bypass_lora_for_models(p, None, lora, 1.0, 0.0)
-    bypassed.patch_model()
+    p.patch_model(device_to=dev)
+    try:
+        with torch.no_grad():
+            plain = layer(x)
+    finally:
+        p.unpatch_model()
+    bypassed.patch_model(device_to=dev)
     try:
         with torch.no_grad():
             with_lora = layer(x)
