@@ -88,10 +88,12 @@ def quantize_weight(w: torch.Tensor, kind: str, *, group_size: int = 0, smooth: 
     if clip is not None:
         amax = amax * clip.to(torch.float64).reshape(n, -1)
     qm = qmax(wbits)
-    scale = (amax / qm).clamp_min(SCALE_FLOOR)
+    # Round the scale to its storage dtype first, so that the codes are chosen for the scale the
+    # kernels will multiply by (FP16 group scales would otherwise add up to |code| * 2**-11 of a step).
+    scale_t = (amax / qm).clamp_min(SCALE_FLOOR).to(torch.float16 if group_size else torch.float32)
+    scale = scale_t.to(torch.float64)
     codes = round_half_even(grouped / scale[..., None]).clamp(-qm, qm).to(torch.int8).reshape(n, k)
     packed = pack_int4(codes) if wbits == 4 else codes
-    scale_t = scale.to(torch.float16 if group_size else torch.float32)
     if not group_size:
         scale_t = scale_t.reshape(n)
     return QuantizedWeight(kind, packed.contiguous(), scale_t.contiguous(),
