@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
+from ._triton import HAS_TRITON, has_tma, interpreting, next_pow2, tl, triton
 from .hadamard import BLOCK, block_hadamard, hadamard_matrix
 from .rounding import RINT_MAGIC, round_half_even
 
@@ -139,9 +139,11 @@ if HAS_TRITON:
             rows = tile * BM + tl.arange(0, BM)
             tl.store(scale_ptr + rows, row_amax / QMAX, mask=rows < M)
 
-def default_config(nb: int) -> tuple:
+def default_config(nb: int, tma: bool = True) -> tuple:
     """(impl, chunks of 128 channels per tile, warps, programs per SM, pipeline stages), from the
-    H100 sweep of benchmarks/bench_linear.py."""
+    H100 sweep of benchmarks/bench_linear.py; pointer loads on GPUs without TMA (before Hopper)."""
+    if not tma:
+        return ("ptr", 32, 4, 8, 2) if nb <= 32 else ("ptr", 128, 8, 2, 2)
     return ("tma", 128, 8, 2, 2) if nb <= 32 else ("tma", 64, 4, 4, 3)
 
 
@@ -162,7 +164,8 @@ def act_quant_triton(x: torch.Tensor, smooth: torch.Tensor | None = None, qmax: 
     if m == 0:
         return q, scale
     nb = next_pow2(triton.cdiv(k, BLOCK))
-    impl, chunks, warps, per_sm, stages = config or (("ptr", 16, 4, 1, 1) if interpreting() else default_config(nb))
+    impl, chunks, warps, per_sm, stages = config or (
+        ("ptr", 16, 4, 1, 1) if interpreting() else default_config(nb, has_tma(x.device)))
     bm = max(1, chunks // nb)
     if bm * nb < 16:  # the tensor-core product needs at least 16 rows
         bm = 16 // nb

@@ -14,6 +14,9 @@ import torch
 
 from ._checks import check_scaled_gemm, expand_group_scale
 from ._triton import HAS_TRITON, interpreting, tl, triton
+
+if HAS_TRITON:
+    from ._triton import grouped_tile
 from .int4 import HALF, PACK_TILE, unpack_int4
 
 
@@ -33,14 +36,7 @@ if HAS_TRITON:
     def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                      stride_wsn, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                      BN: tl.constexpr, GROUP_M: tl.constexpr, HALF_K: tl.constexpr):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
 
         offs_m = (pid_m * BM + tl.arange(0, BM)) % M
         offs_n = (pid_n * BN + tl.arange(0, BN)) % N
@@ -82,96 +78,6 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _w4a8_tma_kernel(x_desc, w_desc, xs_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, stride_om, stride_wsn,
-                         GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         GROUP_M: tl.constexpr, HALF_K: tl.constexpr):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
-        m0 = pid_m * BM
-        n0 = pid_n * BN
-        rn = n0 + tl.arange(0, BN)
-        acc = tl.zeros((BN, BM), dtype=tl.int32)
-        facc = tl.zeros((BN, BM), dtype=tl.float32)
-        for kt in range(0, K // (2 * HALF_K)):
-            packed = w_desc.load([n0, kt * HALF_K])
-            w_lo = (packed << 4) >> 4
-            w_hi = packed >> 4
-            x_lo = x_desc.load([m0, kt * 2 * HALF_K])
-            x_hi = x_desc.load([m0, kt * 2 * HALF_K + HALF_K])
-            if GROUPED:
-                part = tl.dot(w_lo, x_lo.T, out_dtype=tl.int32)
-                part = tl.dot(w_hi, x_hi.T, part, out_dtype=tl.int32)
-                gs = tl.load(ws_ptr + rn * stride_wsn + kt, mask=rn < N, other=0.0).to(tl.float32)
-                facc += part.to(tl.float32) * gs[:, None]
-            else:
-                acc = tl.dot(w_lo, x_lo.T, acc, out_dtype=tl.int32)
-                acc = tl.dot(w_hi, x_hi.T, acc, out_dtype=tl.int32)
-        rm = m0 + tl.arange(0, BM)
-        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
-        if GROUPED:
-            out_t = facc * xs[None, :]
-        else:
-            ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
-            out_t = acc.to(tl.float32) * ws[:, None] * xs[None, :]
-        if HAS_BIAS:
-            out_t += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
-        out = tl.trans(out_t.to(o_ptr.dtype.element_ty))
-        o_ptrs = o_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-        tl.store(o_ptrs, out, mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-    @triton.jit
-    def _w4a8_tma_b_kernel(x_desc, w_desc, xs_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, stride_om, stride_wsn,
-                           GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                           GROUP_M: tl.constexpr, HALF_K: tl.constexpr):
-        # Variant: activations are operand A (TMA into shared memory), the unpacked weight is operand B.
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
-        m0 = pid_m * BM
-        n0 = pid_n * BN
-        rn = n0 + tl.arange(0, BN)
-        acc = tl.zeros((BM, BN), dtype=tl.int32)
-        facc = tl.zeros((BM, BN), dtype=tl.float32)
-        for kt in range(0, K // (2 * HALF_K)):
-            packed = w_desc.load([n0, kt * HALF_K])
-            w_lo = (packed << 4) >> 4
-            w_hi = packed >> 4
-            x_lo = x_desc.load([m0, kt * 2 * HALF_K])
-            x_hi = x_desc.load([m0, kt * 2 * HALF_K + HALF_K])
-            if GROUPED:
-                part = tl.dot(x_lo, w_lo.T, out_dtype=tl.int32)
-                part = tl.dot(x_hi, w_hi.T, part, out_dtype=tl.int32)
-                gs = tl.load(ws_ptr + rn * stride_wsn + kt, mask=rn < N, other=0.0).to(tl.float32)
-                facc += part.to(tl.float32) * gs[None, :]
-            else:
-                acc = tl.dot(x_lo, w_lo.T, acc, out_dtype=tl.int32)
-                acc = tl.dot(x_hi, w_hi.T, acc, out_dtype=tl.int32)
-        rm = m0 + tl.arange(0, BM)
-        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
-        if GROUPED:
-            out = facc * xs[:, None]
-        else:
-            ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
-            out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        o_ptrs = o_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-    @triton.jit
     def _unpack_int4_kernel(p_ptr, o_ptr, N, KH, BN: tl.constexpr, HALF_K: tl.constexpr):
         pid_n = tl.program_id(0)
         kt = tl.program_id(1)
@@ -184,16 +90,17 @@ if HAS_TRITON:
         tl.store(base + HALF_K, packed >> 4, mask=mask)
 
 
-# (impl, BM, BN, GROUP_M, num_warps, num_stages); impl "ptr" or "tma" as in w8a8.py, or
-# "tma_b" (weight as the shared-memory operand B instead of the register operand A).
-# BM is the token tile, BN the weight tile. Tuned on the H100 by benchmarks/bench_linear.py.
-W4A8_CONFIG = ("tma", 256, 128, 8, 8, 3)
+# (impl, BM, BN, GROUP_M, num_warps, num_stages); BM is the token tile, BN the weight tile.
+# This kernel serves the GPUs without the Gluon kernel (before Hopper) and grouped scales; on
+# the H100 the Triton variants (TMA loads, the weight as operand A or B) all stayed at
+# 0.5-0.75 POPS, see benchmarks/results/NOTES_linear.md.
+W4A8_CONFIG = ("ptr", 256, 128, 8, 8, 3)
 _INTERPRET_CONFIG = ("ptr", 32, 32, 4, 4, 1)
 # From this many tokens on, a per-channel W4A8 layer unpacks its weight to an INT8 scratch
 # buffer (one layer's worth, freed after the call) and runs the W8A8 kernel: Triton 3.6 keeps
-# a wgmma whose operand A sits in registers synchronous, which holds the in-loop kernel near
-# 700 TOPS on the H100 against 1.2 POPS for W8A8, while the unpack costs under 1% of the GEMM
-# at this size (benchmarks/results/linear_h100.json has both).
+# a wgmma or mma whose operand A sits in registers synchronous, which held the in-loop kernel
+# near 700 TOPS on the H100 against 1.2 POPS for W8A8, while the unpack costs under 1% of the
+# GEMM at this size.
 UNPACK_MIN_TOKENS = 2048
 
 
@@ -228,16 +135,10 @@ def w4a8_gemm_triton(x_q, x_scale, w_packed, w_scale, bias=None, out_dtype=torch
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     meta = dict(GROUPED=group_size != 0, HAS_BIAS=bias is not None, BM=bm, BN=bn, GROUP_M=gm, HALF_K=HALF,
                 num_warps=warps, num_stages=stages)
-    if impl in ("tma", "tma_b"):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        x_desc = TensorDescriptor.from_tensor(x_q, [bm, HALF])
-        w_desc = TensorDescriptor.from_tensor(w_packed, [bn, HALF])
-        kernel = _w4a8_tma_kernel if impl == "tma" else _w4a8_tma_b_kernel
-        kernel[grid](x_desc, w_desc, x_scale, w_scale, b, out, m, n, k, out.stride(0), wsn, **meta)
-    else:
-        _w4a8_kernel[grid](x_q, x_scale, w_packed, w_scale, b, out, m, n, k, x_q.stride(0), w_packed.stride(0),
-                           out.stride(0), wsn, **meta)
+    if impl != "ptr":
+        raise ValueError(f"w4a8_gemm_triton: unknown implementation {impl!r} (ptr or unpack)")
+    _w4a8_kernel[grid](x_q, x_scale, w_packed, w_scale, b, out, m, n, k, x_q.stride(0), w_packed.stride(0),
+                       out.stride(0), wsn, **meta)
     return out
 
 

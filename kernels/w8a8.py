@@ -7,7 +7,10 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_scaled_gemm
-from ._triton import HAS_TRITON, interpreting, tl, triton
+from ._triton import HAS_TRITON, has_tma, interpreting, tl, triton
+
+if HAS_TRITON:
+    from ._triton import grouped_tile
 
 
 def w8a8_gemm_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16):
@@ -26,14 +29,7 @@ if HAS_TRITON:
     def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                      HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
 
         offs_m = (pid_m * BM + tl.arange(0, BM)) % M
         offs_n = (pid_n * BN + tl.arange(0, BN)) % N
@@ -63,14 +59,7 @@ if HAS_TRITON:
     def _w8a8_tma_kernel(x_desc, w_desc, xs_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, stride_om,
                          HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        group_rows = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
         acc = tl.zeros((BM, BN), dtype=tl.int32)
         for k in range(0, K, BK):
             a = x_desc.load([pid_m * BM, k])
@@ -91,6 +80,7 @@ if HAS_TRITON:
 # "tma" through Hopper's tensor-memory accelerator. Tuned on the H100 by benchmarks/bench_linear.py.
 W8A8_CONFIG = ("tma", 128, 256, 128, 8, 8, 4)
 W8A8_CONFIG_LARGE_K = ("tma", 256, 128, 128, 8, 8, 3)  # K >= 8192: the MLP-out and single-block out layers
+W8A8_CONFIG_NO_TMA = ("ptr", 128, 256, 128, 8, 8, 3)  # GPUs before Hopper
 _INTERPRET_CONFIG = ("ptr", 32, 32, 128, 4, 4, 1)
 
 
@@ -101,7 +91,12 @@ def w8a8_gemm_triton(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bflo
     if m == 0:
         return out
     if config is None:
-        config = _INTERPRET_CONFIG if interpreting() else (W8A8_CONFIG_LARGE_K if k >= 8192 else W8A8_CONFIG)
+        if interpreting():
+            config = _INTERPRET_CONFIG
+        elif not has_tma(x_q.device):
+            config = W8A8_CONFIG_NO_TMA
+        else:
+            config = W8A8_CONFIG_LARGE_K if k >= 8192 else W8A8_CONFIG
     impl, bm, bn, bk, gm, warps, stages = config
     x_q, w_q = x_q.contiguous(), w_q.contiguous()
     b = bias if bias is not None else w_scale
