@@ -35,7 +35,7 @@ from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
 from comfyui_quantsparse.quantsparse.convert import convert_file
 from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims
 from comfyui_quantsparse.quantsparse.hunyuan.model import reference_state_shapes
-from comfyui_quantsparse.quantsparse.hunyuan.random_weights import BIAS_STD, NORM_STD, make_random_state_dict
+from comfyui_quantsparse.quantsparse.hunyuan.random_weights import iter_random_state, make_random_state_dict
 from comfyui_quantsparse.quantsparse.safetensors_io import TensorSpec, write_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,16 +49,7 @@ def peak_rss_bytes() -> int:
 
 def stream_random_state(dims: HunyuanVideoDims, seed: int):
     """make_random_state_dict's tensors one at a time (same generator sequence, same values)."""
-    gen = torch.Generator().manual_seed(seed)
-    for key, shape in reference_state_shapes(dims).items():
-        noise = torch.randn(shape, generator=gen, dtype=torch.float32)
-        if key.endswith(".bias"):
-            value = noise * BIAS_STD
-        elif "norm" in key.rsplit(".", 2)[-2] and len(shape) == 1:
-            value = 1.0 + noise * NORM_STD
-        else:
-            value = noise / math.sqrt(math.prod(shape[1:]))
-        yield key, value.to(torch.bfloat16).contiguous()
+    return iter_random_state(dims, seed, torch.bfloat16)
 
 
 def _progress_printer(label: str):

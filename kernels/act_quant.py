@@ -53,6 +53,28 @@ def act_quant_reference(x: torch.Tensor, smooth: torch.Tensor | None = None, qma
 if HAS_TRITON:
 
     @triton.jit
+    def _rotate_prescaled(x, h, AMAX_MIN: tl.constexpr, INV_SQRT_HB: tl.constexpr):
+        """x [R, HB] (FP32) times the +-1 Hadamard in FP16, each chunk first divided by its own
+        maximum so that FP16 cannot overflow, then scaled back and normalized."""
+        cmax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_MIN)
+        y = tl.dot((x * (1.0 / cmax)[:, None]).to(tl.float16), h, out_dtype=tl.float32)
+        return y * (cmax * INV_SQRT_HB)[:, None]
+
+    @triton.jit
+    def _quantize_rows(y, BM: tl.constexpr, NB: tl.constexpr, QMAX: tl.constexpr, AMAX_MIN: tl.constexpr,
+                       RINT: tl.constexpr):
+        """Symmetric INT8 codes of y [BM * NB, HB], whose chunk r is block r % NB of row r // NB, with one
+        scale per row: returns (codes as int8, row maxima)."""
+        R: tl.constexpr = BM * NB
+        chunk_amax = tl.max(tl.abs(y), axis=1)
+        row_amax = tl.maximum(tl.max(tl.reshape(chunk_amax, (BM, NB)), axis=1), AMAX_MIN)
+        chunk_inv = tl.reshape(tl.broadcast_to((QMAX / row_amax)[:, None], (BM, NB)), (R,))
+        v = y * chunk_inv[:, None]
+        v = (v + RINT) - RINT  # round to nearest even
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        return v.to(tl.int8), row_amax
+
+    @triton.jit
     def _act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
                           BM: tl.constexpr, NB: tl.constexpr, HB: tl.constexpr, QMAX: tl.constexpr,
                           HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, INV_SQRT_HB: tl.constexpr,
@@ -78,20 +100,12 @@ if HAS_TRITON:
             if HAS_SMOOTH:
                 x = x * s
             if ROTATE:
-                # Divide each chunk by its own maximum so FP16 cannot overflow; H is exactly +-1 in FP16.
-                cmax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_MIN)
-                y = tl.dot((x * (1.0 / cmax)[:, None]).to(tl.float16), h, out_dtype=tl.float32)
-                y = y * (cmax * INV_SQRT_HB)[:, None]
+                y = _rotate_prescaled(x, h, AMAX_MIN, INV_SQRT_HB)
             else:
                 y = x
-            chunk_amax = tl.max(tl.abs(y), axis=1)
-            row_amax = tl.maximum(tl.max(tl.reshape(chunk_amax, (BM, NB)), axis=1), AMAX_MIN)
-            chunk_inv = tl.reshape(tl.broadcast_to((QMAX / row_amax)[:, None], (BM, NB)), (R,))
-            v = y * chunk_inv[:, None]
-            v = (v + RINT) - RINT  # round to nearest even
-            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            v, row_amax = _quantize_rows(y, BM, NB, QMAX, AMAX_MIN, RINT)
             q_offs = row.to(tl.int64)[:, None] * stride_qm + kcol[:, None] + col[None, :]
-            tl.store(q_ptr + q_offs, v.to(tl.int8), mask=mask)
+            tl.store(q_ptr + q_offs, v, mask=mask)
             rows = tile * BM + tl.arange(0, BM)
             tl.store(scale_ptr + rows, row_amax / QMAX, mask=rows < M)
 
@@ -124,18 +138,11 @@ if HAS_TRITON:
                     x3 = x3 * s[None, :, :]
                 x = tl.reshape(x3, (R, HB))
                 if ROTATE:
-                    cmax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_MIN)
-                    y = tl.dot((x * (1.0 / cmax)[:, None]).to(tl.float16), h, out_dtype=tl.float32)
-                    y = y * (cmax * INV_SQRT_HB)[:, None]
+                    y = _rotate_prescaled(x, h, AMAX_MIN, INV_SQRT_HB)
                 else:
                     y = x
-            chunk_amax = tl.max(tl.abs(y), axis=1)
-            row_amax = tl.maximum(tl.max(tl.reshape(chunk_amax, (BM, NB)), axis=1), AMAX_MIN)
-            chunk_inv = tl.reshape(tl.broadcast_to((QMAX / row_amax)[:, None], (BM, NB)), (R,))
-            v = y * chunk_inv[:, None]
-            v = (v + RINT) - RINT  # round to nearest even
-            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-            q_desc.store([tile * BM, 0, 0], tl.reshape(v.to(tl.int8), (BM, NB, HB)))
+            v, row_amax = _quantize_rows(y, BM, NB, QMAX, AMAX_MIN, RINT)
+            q_desc.store([tile * BM, 0, 0], tl.reshape(v, (BM, NB, HB)))
             rows = tile * BM + tl.arange(0, BM)
             tl.store(scale_ptr + rows, row_amax / QMAX, mask=rows < M)
 

@@ -20,11 +20,10 @@ BIAS_STD = 0.02
 NORM_STD = 0.1
 
 
-def make_random_state_dict(dims: HunyuanVideoDims, seed: int,
-                           dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """ComfyUI-named state dict of ``dims`` with random values; equal seeds give equal tensors on any machine."""
+def iter_random_state(dims: HunyuanVideoDims, seed: int, dtype: torch.dtype = torch.bfloat16):
+    """(key, tensor) pairs of :func:`make_random_state_dict`, one at a time: the full 13B model
+    (25.6 GB) can be streamed to disk on a machine with less memory than that."""
     gen = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
     for key, shape in reference_state_shapes(dims).items():
         noise = torch.randn(shape, generator=gen, dtype=torch.float32)
         if key.endswith(".bias"):
@@ -34,5 +33,10 @@ def make_random_state_dict(dims: HunyuanVideoDims, seed: int,
         else:
             fan_in = math.prod(shape[1:])
             value = noise / math.sqrt(fan_in)
-        out[key] = value.to(dtype).contiguous()
-    return out
+        yield key, value.to(dtype).contiguous()
+
+
+def make_random_state_dict(dims: HunyuanVideoDims, seed: int,
+                           dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """ComfyUI-named state dict of ``dims`` with random values; equal seeds give equal tensors on any machine."""
+    return dict(iter_random_state(dims, seed, dtype))
