@@ -17,6 +17,7 @@ from ._triton import HAS_TRITON
 from .act_quant import act_quant_reference, act_quant_triton
 from .hadamard import block_hadamard, hadamard_matrix
 from .int4 import PACK_TILE, pack_int4, unpack_int4
+from .sparse_attention import block_sparse_attention_reference, block_sparse_attention_triton, merge_attention
 from .w4a8 import w4a8_gemm_reference, w4a8_gemm_triton
 from .w4a16 import w4a16_gemm_reference, w4a16_gemm_triton
 from .w8a8 import w8a8_gemm_reference, w8a8_gemm_triton
@@ -30,6 +31,7 @@ __all__ = [
     "pack_int4", "unpack_int4", "PACK_TILE", "block_hadamard", "hadamard_matrix",
     "act_quant_reference", "act_quant_triton", "w8a8_gemm_reference", "w8a8_gemm_triton",
     "w4a8_gemm_reference", "w4a8_gemm_triton", "w4a16_gemm_reference", "w4a16_gemm_triton",
+    "block_sparse_attention", "block_sparse_attention_reference", "block_sparse_attention_triton", "merge_attention",
 ]
 
 
@@ -81,3 +83,10 @@ def w4a8_gemm(x_q, x_scale, w_packed, w_scale, bias=None, out_dtype=torch.bfloat
 def w4a16_gemm(x, w_packed, w_scale, bias=None, group_size=0):
     fn = w4a16_gemm_triton if use_triton(x) else w4a16_gemm_reference
     return fn(x, w_packed, w_scale, bias, group_size)
+
+
+def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, txt_len, key_padding=None, sm_scale=None,
+                           mode="sparse", block_q=128, block_k=64, return_lse=False):
+    fn = block_sparse_attention_triton if use_triton(q) else block_sparse_attention_reference
+    return fn(q, k, v, kv_blocks, kv_counts, txt_len=txt_len, key_padding=key_padding, sm_scale=sm_scale,
+              mode=mode, block_q=block_q, block_k=block_k, return_lse=return_lse)

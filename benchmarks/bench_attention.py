@@ -1,0 +1,152 @@
+"""Block-sparse attention against torch SDPA (default backend and cuDNN), HunyuanVideo's joint attention.
+
+24 heads x 128, 256 text tokens, 30,210 and 118,800 video tokens; our kernel at several densities
+(fraction of video-to-video key blocks computed), in dense mode, and a SSAR refresh step (sparse +
+complement + merge). Every configuration is first checked: dense against cuDNN on all rows, sparse and
+complement against a float32 reference on a subset of query rows (text rows, first / middle / last
+video query blocks). Skeleton: masks are random lists until the mask selection lands; plug it into
+``select_mask`` (its time is then counted in ours_ms, as the issue asks).
+
+    python benchmarks/bench_attention.py --out benchmarks/results/attention_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import bench_ms, environment, rel_err, write_json  # noqa: E402
+
+from comfyui_quantsparse.kernels.sparse_attention import (  # noqa: E402
+    block_mask, block_sparse_attention_triton, merge_attention, row_mask,
+)
+
+HEADS, HEAD_DIM, TXT = 24, 128, 256
+VIDEO_TOKENS = [30210, 118800]
+DENSITIES = [0.10, 0.15, 0.25, 0.40]
+REFRESH_DENSITY = 0.15
+
+
+def random_mask(q, k, density, txt_len, block_q, block_k, gen):
+    """Distinct random video key blocks per (batch, head, query block), diagonal not forced."""
+    b, h, seq, _ = q.shape
+    l_img = seq - txt_len
+    nqb, nkb = math.ceil(l_img / block_q), math.ceil(l_img / block_k)
+    n = max(1, round(density * nkb))
+    scores = torch.rand(b, h, nqb, nkb, device=q.device, generator=gen)
+    blocks = scores.topk(n, dim=-1).indices.to(torch.int32)
+    return blocks, torch.full((b, h, nqb), n, dtype=torch.int32, device=q.device)
+
+
+def select_mask(q, k, density, txt_len, block_q, block_k, gen):
+    """HOOK: the mask selection (quantsparse's svg / topk) goes here; random lists for now."""
+    return random_mask(q, k, density, txt_len, block_q, block_k, gen)
+
+
+def check_rows(q, k, v, out, lse, blocks, counts, txt_len, mode, block_q, block_k) -> float:
+    """Relative error of ``out`` on a subset of query rows against float32 attention with the
+    reference's mask; also that lse agrees there. Head by head, so nothing of size L x L is held."""
+    seq = q.shape[2]
+    l_img = seq - txt_len
+    starts = [txt_len, txt_len + (l_img // 2 // block_q) * block_q, txt_len + ((l_img - 1) // block_q) * block_q]
+    rows = torch.cat([torch.arange(0, txt_len)] + [torch.arange(s, min(seq, s + block_q)) for s in starts]).to(q.device)
+    nkb = math.ceil(l_img / block_k)
+    bm = None if mode == "dense" else block_mask(blocks, counts, nkb)
+    errs = []
+    for h in range(q.shape[1]):
+        sub = None if bm is None else bm[:, h:h + 1]
+        pad = torch.ones(q.shape[0], seq, dtype=torch.bool, device=q.device) if sub is None else None
+        m = row_mask(rows, seq, txt_len, sub, mode, block_q, block_k, pad)
+        s = (q[:, h:h + 1, rows].float() @ k[:, h:h + 1].float().transpose(-1, -2)) / math.sqrt(HEAD_DIM)
+        s = s.masked_fill(~m, float("-inf"))
+        ref_lse = torch.logsumexp(s, -1)
+        ref = torch.exp(s - ref_lse.clamp_min(-1e30)[..., None]) @ v[:, h:h + 1].float()
+        fin = torch.isfinite(ref_lse)
+        got = lse[:, h:h + 1, rows]
+        assert torch.equal(torch.isfinite(got), fin), f"{mode}: empty rows differ"
+        if fin.any():
+            assert float((got[fin] - ref_lse[fin]).abs().max()) < 1e-2, f"{mode}: lse differs"
+        errs.append(rel_err(out[:, h:h + 1, rows], ref))
+    return max(errs)
+
+
+def run_length(l_img, args, gen):
+    seq = TXT + l_img
+    q, k, v = (torch.randn(1, HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    bq, bk = args.block_q, args.block_k
+    rows = []
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        ref_dense = F.scaled_dot_product_attention(q, k, v)
+        t_cudnn = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+    t_default = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+    best = min(t_cudnn, t_default)
+
+    def row(density, mode, ms, err):
+        rows.append(dict(L=l_img, density=density, mode=mode, ours_ms=ms, sdpa_default_ms=t_default,
+                         sdpa_cudnn_ms=t_cudnn, speedup_vs_best_dense=best / ms, rel_err=err))
+        print(rows[-1], flush=True)
+
+    out = block_sparse_attention_triton(q, k, v, None, None, txt_len=TXT, mode="dense", block_q=bq, block_k=bk)
+    err = rel_err(out, ref_dense)
+    assert err < 2e-2, f"dense mode vs cuDNN: rel err {err}"
+    row(1.0, "dense", bench_ms(lambda: block_sparse_attention_triton(
+        q, k, v, None, None, txt_len=TXT, mode="dense", block_q=bq, block_k=bk)), err)
+    del out
+    for density in DENSITIES:
+        blocks, counts = select_mask(q, k, density, TXT, bq, bk, gen)
+        kw = dict(txt_len=TXT, block_q=bq, block_k=bk)
+        out, lse = block_sparse_attention_triton(q, k, v, blocks, counts, mode="sparse", return_lse=True, **kw)
+        err = check_rows(q, k, v, out, lse, blocks, counts, TXT, "sparse", bq, bk)
+        assert err < 2e-2, f"sparse {density}: rel err {err}"
+        del out, lse
+
+        def sparse_step():
+            b, c = select_mask(q, k, density, TXT, bq, bk, gen)
+            return block_sparse_attention_triton(q, k, v, b, c, mode="sparse", **kw)
+
+        row(density, "sparse", bench_ms(sparse_step), err)
+        if density == REFRESH_DENSITY:
+            o_c, l_c = block_sparse_attention_triton(q, k, v, blocks, counts, mode="complement", return_lse=True, **kw)
+            err_c = check_rows(q, k, v, o_c, l_c, blocks, counts, TXT, "complement", bq, bk)
+            o_s, l_s = block_sparse_attention_triton(q, k, v, blocks, counts, mode="sparse", return_lse=True, **kw)
+            merged, _ = merge_attention(o_s, l_s, o_c, l_c)
+            err_m = rel_err(merged, ref_dense)
+            assert err_c < 2e-2 and err_m < 2e-2, f"refresh: complement {err_c}, merged vs dense {err_m}"
+            del o_c, l_c, o_s, l_s, merged
+
+            def refresh_step():
+                b, c = select_mask(q, k, density, TXT, bq, bk, gen)
+                s = block_sparse_attention_triton(q, k, v, b, c, mode="sparse", return_lse=True, **kw)
+                cpl = block_sparse_attention_triton(q, k, v, b, c, mode="complement", return_lse=True, **kw)
+                return merge_attention(*s, *cpl)
+
+            row(density, "refresh", bench_ms(refresh_step), err_m)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/attention_h100.json")
+    ap.add_argument("--block-q", type=int, default=128)
+    ap.add_argument("--block-k", type=int, default=64)
+    ap.add_argument("--tokens", type=int, nargs="*", default=VIDEO_TOKENS)
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for l_img in args.tokens:
+        rows += run_length(l_img, args, gen)
+        torch.cuda.empty_cache()
+    write_json(args.out, dict(environment(), heads=HEADS, head_dim=HEAD_DIM, txt_len=TXT, block_q=args.block_q,
+                              block_k=args.block_k, mask="random (select_mask hook)", rows=rows))
+
+
+if __name__ == "__main__":
+    main()
