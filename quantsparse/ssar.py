@@ -1,0 +1,355 @@
+"""SSAR: the per-run residual cache that restores what sparse attention drops (design section 5).
+
+At a refresh step both the dense output ``O_d`` and the sparse output ``O_s`` are known and
+``D = O_d - O_s``. First order caches ``C = D``; second order caches ``C = D + rank_r(D - D_prev)``
+(the change of the residual since the previous refresh, denoised to its top ``r`` directions per
+head) and keeps ``D_prev = D``. The refresh step returns ``O_d``; the steps between return
+``O_s + C``. Order 0 returns ``O_s``.
+
+Only video rows carry a residual: the kernel computes text rows densely in every mode, so their
+``D`` is zero and is not stored.
+
+Storage (``CacheLayout``): a full BF16 ``C`` at 118,800 video tokens x 24 heads x 128 is 0.73 GB per
+block, 44 GB for HunyuanVideo's 60 blocks, and ``D_prev`` as much again. ``C`` is read at every
+step and ``D_prev`` only at the next refresh, and both are dominated by a few directions of the
+128-dim head space, so each is stored per head as rank-``k`` factors ``U [L, k] @ V [k, 128]``
+(``V`` orthonormal rows from the 128x128 Gram matrix, i.e. the SVD truncation), with ``U`` in FP8
+(e4m3) and one float32 scale per column of ``U``. ``D_prev`` may live in host memory.
+``benchmarks/ssar_cache.py`` records the size and the error this costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Optional
+
+import torch
+
+from .sparse_config import SparseConfig
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+DENSE, REFRESH, SPARSE = "dense", "refresh", "sparse"
+
+
+# ------------------------------------------------------------------------------ schedule
+
+def warmup_steps(config: SparseConfig, total_steps: int) -> int:
+    """Dense warm-up steps: ``dense_warmup * total_steps`` rounded half up."""
+    return min(total_steps, int(config.dense_warmup * total_steps + 0.5))
+
+
+def step_kind(step: int, total_steps: int, config: SparseConfig) -> str:
+    """DENSE, REFRESH or SPARSE for sampling step ``step`` (0-based) of ``total_steps``.
+
+    With SSAR on, the last warm-up step is already a refresh: its output is the dense one anyway, and
+    the cache is then ready for the first sparse step instead of costing the first sparse step a
+    dense pass. Refreshes then follow every ``refresh_interval`` steps.
+    """
+    if total_steps < 1 or not 0 <= step:
+        raise ValueError(f"step {step} of {total_steps} steps is not a valid sampling step")
+    if config.is_dense:
+        return DENSE
+    warm = warmup_steps(config, total_steps)
+    if config.ssar_order == 0:
+        return DENSE if step < warm else SPARSE
+    anchor = max(warm - 1, 0)
+    if step < anchor:
+        return DENSE
+    return REFRESH if (step - anchor) % config.refresh_interval == 0 else SPARSE
+
+
+# ------------------------------------------------------------------------------ rank-r projection
+
+def top_directions(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """float32 ``[..., D, rank]``: the top right singular vectors of each ``[..., L, D]`` matrix.
+
+    Through the ``D x D`` Gram matrix (``O(L D^2)``, D = 128) instead of an SVD of the tall ``L x D``
+    matrix: its eigenvectors are the right singular vectors, so projecting on the top ``rank`` of them
+    is exactly the rank-``rank`` SVD truncation.
+    """
+    xf = x.float()
+    gram = xf.transpose(-1, -2) @ xf
+    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+    return vecs[..., -rank:]
+
+
+def rank_projection(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """Best rank-``rank`` approximation of each ``[..., L, D]`` matrix (float32)."""
+    v = top_directions(x, rank)
+    return (x.float() @ v) @ v.transpose(-1, -2)
+
+
+# ------------------------------------------------------------------------------ compact storage
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """How C and D_prev are stored. ``None`` rank = the full ``[L, 128]`` matrix; ``fp8`` = e4m3 codes
+    with a float32 scale per column; otherwise the residual's own dtype. ``offload_d_prev`` keeps
+    ``D_prev`` in host memory (it is read once per refresh).
+
+    The default (C rank 12, D_prev rank 8, FP8) is the largest that meets the 4 GB target for 60
+    blocks at 118,800 tokens (3.44 GB); ``benchmarks/ssar_cache.py`` records what it costs in error.
+    ``EXACT_LAYOUT`` stores everything as computed (tests, and a user with memory to spare).
+    """
+
+    c_rank: Optional[int] = 12
+    d_rank: Optional[int] = 8
+    fp8: bool = True
+    offload_d_prev: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("c_rank", "d_rank"):
+            r = getattr(self, name)
+            if r is not None and (not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 128):
+                raise ValueError(f"CacheLayout.{name}={r!r} must be None (full) or an integer in [1, 128]")
+
+
+EXACT_LAYOUT = CacheLayout(c_rank=None, d_rank=None, fp8=False)
+DEFAULT_LAYOUT = CacheLayout()
+
+
+def _fp8_encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column absmax scale (columns of U have very different norms: they follow the singular values)."""
+    scale = x.abs().amax(dim=-2, keepdim=True).clamp_min(1e-30) / FP8_MAX
+    return (x / scale).to(FP8), scale
+
+
+@dataclass
+class Packed:
+    """One stored ``[..., L, D]`` residual: full or ``U @ V``, with U (or the full matrix) maybe in FP8."""
+
+    u: torch.Tensor                       # [..., L, k] factor, or the full [..., L, D] matrix
+    scale: Optional[torch.Tensor] = None  # float32 [..., 1, k or D] when u is FP8
+    v: Optional[torch.Tensor] = None      # float32 [..., k, D], orthonormal rows; None = full matrix
+    dtype: torch.dtype = torch.float32    # what the residual was computed in; decoding returns it
+    offloaded: bool = False               # kept in host memory on purpose (counted by ``host_bytes``)
+
+    @classmethod
+    def pack(cls, x: torch.Tensor, rank: Optional[int], fp8: bool, dtype: torch.dtype,
+             device: Optional[torch.device] = None) -> "Packed":
+        v = None
+        if rank is not None and rank < x.shape[-1]:
+            vr = top_directions(x, rank)
+            u = x.float() @ vr
+            v = vr.transpose(-1, -2).contiguous()
+        else:
+            u = x
+        scale = None
+        if fp8:
+            u, scale = _fp8_encode(u.float())
+        else:
+            u = u.to(dtype)
+        dev = device if device is not None else x.device
+        # Blocking on purpose: an asynchronous device-to-host copy could be read before it lands.
+        return cls(u.contiguous().to(dev),
+                   None if scale is None else scale.to(dev), None if v is None else v.to(dev), dtype,
+                   offloaded=device is not None and torch.device(device).type == "cpu")
+
+    def decode(self, device=None) -> torch.Tensor:
+        """The stored matrix in ``self.dtype`` (float32 math) on ``device`` (default: where it lives)."""
+        dev = device if device is not None else self.u.device
+        u = self.u.to(dev, non_blocking=True).float()
+        if self.scale is not None:
+            u = u * self.scale.to(dev)
+        if self.v is not None:
+            u = u @ self.v.to(dev)
+        return u.to(self.dtype)
+
+    def add_to(self, out: torch.Tensor) -> torch.Tensor:
+        """``out + stored`` for ``out`` [..., L, D], without a float32 copy of the full matrix when factored."""
+        if self.v is None:
+            return out + self.decode(out.device).to(out.dtype)
+        u = self.u.to(out.device).to(out.dtype)
+        if self.scale is not None:
+            u = u * self.scale.to(out.device, out.dtype)
+        return out + u @ self.v.to(out.device, out.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.u, self.scale, self.v) if t is not None)
+
+
+def packed_bytes(rank: Optional[int], fp8: bool, *, tokens: int, heads: int, head_dim: int = 128,
+                 dtype_bytes: int = 2) -> int:
+    """Bytes of one ``Packed`` of ``heads`` matrices ``[tokens, head_dim]`` (batch 1), as ``Packed.pack`` stores it."""
+    k = head_dim if rank is None or rank >= head_dim else rank
+    per_head = tokens * k * (1 if fp8 else dtype_bytes)
+    if fp8:
+        per_head += k * 4
+    if k < head_dim:
+        per_head += k * head_dim * 4
+    return heads * per_head
+
+
+def cache_bytes_for(layout: CacheLayout, order: int, *, tokens: int, heads: int, blocks: int,
+                    head_dim: int = 128, dtype_bytes: int = 2) -> int:
+    """Analytic SSAR cache size for ``blocks`` attention blocks of one CFG branch."""
+    if order == 0:
+        return 0
+    per_block = packed_bytes(layout.c_rank, layout.fp8, tokens=tokens, heads=heads, head_dim=head_dim,
+                             dtype_bytes=dtype_bytes)
+    if order == 2:
+        per_block += packed_bytes(layout.d_rank, layout.fp8, tokens=tokens, heads=heads, head_dim=head_dim,
+                                  dtype_bytes=dtype_bytes)
+    return blocks * per_block
+
+
+# ------------------------------------------------------------------------------ per-run state
+
+@dataclass
+class _Entry:
+    c: Packed
+    d_prev: Optional[Packed]
+    shape: tuple[int, ...]  # [B, H, img_len, D] of the residual
+    refreshes: int = 1
+
+
+def merged_residual(o_sparse: torch.Tensor, lse_sparse: torch.Tensor, o_comp: torch.Tensor,
+                    lse_comp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense output, float32 residual) from the sparse pass and its complement, by log-sum-exp.
+
+    ``O_d = w_s O_s + w_c O_c`` with ``w_c = exp(lse_c - logaddexp(lse_s, lse_c))`` and ``w_s = 1 - w_c``,
+    so ``D = O_d - O_s = w_c (O_c - O_s)``. Rows with nothing in the complement (text rows) have
+    ``w_c = 0`` and whatever the kernel left in ``O_c`` is ignored.
+    """
+    lse = torch.logaddexp(lse_sparse.float(), lse_comp.float())
+    w_c = torch.exp(lse_comp.float() - lse)[..., None]
+    live = w_c > 0
+    resid = torch.where(live, w_c * (o_comp.float() - o_sparse.float()), torch.zeros((), device=o_sparse.device))
+    return (o_sparse.float() + resid).to(o_sparse.dtype), resid
+
+
+@dataclass
+class SSARState:
+    """The residual cache of ONE sampling run, keyed by (block_type, block_index, cond/uncond row).
+
+    The attention override creates one per run (or calls ``begin_run``), so that a run with other
+    settings, another resolution or another prompt never sees a stale correction.
+    """
+
+    config: SparseConfig
+    total_steps: int
+    layout: CacheLayout = DEFAULT_LAYOUT
+    entries: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=lambda: {"refreshes": 0, "corrections": 0, "misses": 0})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, SparseConfig):
+            raise ValueError(f"SSARState needs a SparseConfig, got {type(self.config).__name__}")
+        if not isinstance(self.total_steps, int) or self.total_steps < 1:
+            raise ValueError(f"total_steps={self.total_steps!r} must be a positive integer")
+
+    # -- run lifecycle
+    def reset(self) -> None:
+        """Drop every cached correction (frees the memory)."""
+        self.entries.clear()
+        self.stats = {"refreshes": 0, "corrections": 0, "misses": 0}
+
+    def begin_run(self, config: SparseConfig, total_steps: int, layout: Optional[CacheLayout] = None) -> "SSARState":
+        """Start a new sampling run: adopt its settings and forget the previous run's cache."""
+        self.reset()
+        self.config, self.total_steps = config, total_steps
+        if layout is not None:
+            self.layout = layout
+        self.__post_init__()
+        return self
+
+    def step_kind(self, step: int) -> str:
+        return step_kind(step, self.total_steps, self.config)
+
+    # -- refresh
+    def refresh(self, key: Hashable, o_dense: torch.Tensor, o_sparse: torch.Tensor, *, txt_len: int) -> torch.Tensor:
+        """Refresh step from separately computed dense and sparse outputs ``[B, H, L, D]``; returns ``O_d``."""
+        if o_dense.shape != o_sparse.shape:
+            raise ValueError(f"dense output {tuple(o_dense.shape)} and sparse output {tuple(o_sparse.shape)} differ")
+        resid = o_dense[:, :, txt_len:].float() - o_sparse[:, :, txt_len:].float()
+        self._store(key, resid, o_sparse.dtype)
+        return o_dense
+
+    def refresh_merged(self, key: Hashable, o_sparse: torch.Tensor, lse_sparse: torch.Tensor,
+                       o_comp: torch.Tensor, lse_comp: torch.Tensor, *, txt_len: int) -> torch.Tensor:
+        """Refresh step from one sparse pass and one complement pass (the price of one dense pass)."""
+        o_dense, resid = merged_residual(o_sparse, lse_sparse, o_comp, lse_comp)
+        self._store(key, resid[:, :, txt_len:], o_sparse.dtype)
+        return o_dense
+
+    def _store(self, key: Hashable, d: torch.Tensor, dtype: torch.dtype) -> None:
+        cfg, lay = self.config, self.layout
+        self.stats["refreshes"] += 1
+        if cfg.ssar_order == 0:
+            return
+        old = self.entries.get(key)
+        if old is not None and old.shape != tuple(d.shape):
+            raise ValueError(f"SSAR cache for {key!r} holds a residual of shape {old.shape}, but this refresh has "
+                             f"{tuple(d.shape)}: the cache belongs to another run; create a fresh SSARState "
+                             "(or call begin_run) for every sampling run")
+        c = d
+        if cfg.ssar_order == 2 and old is not None and old.d_prev is not None:
+            c = d + rank_projection(d - old.d_prev.decode(d.device).float(), cfg.rank)
+        host = torch.device("cpu") if lay.offload_d_prev else None
+        d_prev = Packed.pack(d, lay.d_rank, lay.fp8, dtype, device=host) if cfg.ssar_order == 2 else None
+        self.entries[key] = _Entry(Packed.pack(c, lay.c_rank, lay.fp8, dtype), d_prev, tuple(d.shape),
+                                   refreshes=(old.refreshes + 1 if old else 1))
+
+    # -- between refreshes
+    def correct(self, key: Hashable, o_sparse: torch.Tensor, *, txt_len: int) -> torch.Tensor:
+        """``O_s + C`` on the video rows (``O_s`` itself with SSAR off or before any refresh of ``key``)."""
+        if self.config.ssar_order == 0:
+            return o_sparse
+        entry = self.entries.get(key)
+        if entry is None:
+            self.stats["misses"] += 1
+            return o_sparse
+        video = o_sparse[:, :, txt_len:]
+        if tuple(video.shape) != entry.shape:
+            raise ValueError(f"SSAR cache for {key!r} was built for video output {entry.shape}, but this step has "
+                             f"{tuple(video.shape)}: create a fresh SSARState (or call begin_run) for every "
+                             "sampling run")
+        self.stats["corrections"] += 1
+        out = o_sparse.clone()
+        out[:, :, txt_len:] = entry.c.add_to(video)
+        return out
+
+    def correction(self, key: Hashable) -> Optional[torch.Tensor]:
+        """The stored correction C ``[B, H, img_len, D]`` as the steps between refreshes add it."""
+        entry = self.entries.get(key)
+        return None if entry is None else entry.c.decode()
+
+    # -- memory
+    def cache_bytes(self) -> int:
+        """Bytes held by the cache, device and host together."""
+        return sum(e.c.nbytes + (e.d_prev.nbytes if e.d_prev is not None else 0) for e in self.entries.values())
+
+    def host_bytes(self) -> int:
+        """The part of ``cache_bytes`` offloaded to host memory (``CacheLayout.offload_d_prev``)."""
+        return sum(p.nbytes for e in self.entries.values() for p in (e.c, e.d_prev) if p is not None and p.offloaded)
+
+
+# ------------------------------------------------------------------------------ measurement
+
+def correction_error(d_first: torch.Tensor, d_second: torch.Tensor, *, rank: int = 16, order: int = 2,
+                     layout: CacheLayout = DEFAULT_LAYOUT) -> dict:
+    """Relative Frobenius error of the stored correction against the exact one, after two refreshes.
+
+    ``d_first`` and ``d_second`` are the residuals ``O_d - O_s`` ``[B, H, L, D]`` at two consecutive
+    refreshes. The exact second correction is ``d_second + rank_r(d_second - d_first)`` (order 2) or
+    ``d_second`` (order 1); the stored one went through ``layout`` at both refreshes, so the error
+    includes the compression of ``D_prev``.
+    """
+    state = SSARState(SparseConfig(rank=rank, ssar_order=order), total_steps=1, layout=layout)
+    zeros = torch.zeros_like(d_first)
+    state.refresh("k", d_first, zeros, txt_len=0)
+    first = state.correction("k").float()
+    state.refresh("k", d_second, zeros, txt_len=0)
+    stored = state.correction("k").float()
+    exact = d_second.float()
+    if order == 2:
+        exact = exact + rank_projection(d_second.float() - d_first.float(), rank)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+    return {"rel_error": rel(stored, exact), "rel_error_first_refresh": rel(first, d_first.float()),
+            "cache_bytes": state.cache_bytes()}

@@ -1,0 +1,164 @@
+"""Masks: density reached, diagonal kept, svg head choice on synthetic patterns, permutation round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from comfyui_quantsparse.quantsparse.masks import (
+    block_density, build_mask, diagonal_blocks, num_blocks, permute_heads, reference_sparse_attention,
+    svg_mask, temporal_permutation, token_mask, topk_mask, unpermute_heads,
+)
+from comfyui_quantsparse.quantsparse.sparse_config import SparseConfig
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def qkv(b, h, txt, grid, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    n = txt + grid[0] * grid[1] * grid[2]
+    return [torch.randn(b, h, n, 128, generator=g).to(device) for _ in range(3)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["svg", "topk"])
+@pytest.mark.parametrize("density", [0.1, 0.15, 0.25, 0.4, 1.0])
+@pytest.mark.parametrize("grid,bq,bk", [((5, 6, 10), 32, 16), ((3, 7, 9), 64, 16), ((4, 8, 8), 128, 64)])
+def test_masks_reach_the_requested_density(device, mode, density, grid, bq, bk):
+    txt = 13
+    q, k, v = qkv(2, 3, txt, grid, device=device)
+    img = grid[0] * grid[1] * grid[2]
+    m = build_mask(q, k, v, mode=mode, grid=grid, txt_len=txt, density=density, block_q=bq, block_k=bk)
+    nqb, nkb = num_blocks(img, bq), num_blocks(img, bk)
+    assert m.kv_blocks.dtype == torch.int32 and m.kv_counts.dtype == torch.int32
+    assert m.kv_counts.shape == (2, 3, nqb) and m.kv_blocks.shape[:3] == (2, 3, nqb)
+    assert m.kv_blocks.device.type == device
+    diag_max = int(diagonal_blocks(img, bq, bk).sum(1).max())
+    achieved = m.density()
+    assert achieved >= density - 1e-9, (achieved, density)
+    # Within one block per row, except that topk keeps the whole diagonal even when the budget is smaller.
+    slack = 1.0 / nkb if mode == "svg" or math.ceil(density * nkb) >= diag_max else diag_max / nkb
+    assert achieved < density + slack + 1e-9, (achieved, density, slack)
+    # Every listed block is a distinct, legal video key block.
+    for row, cnt in zip(m.kv_blocks.reshape(-1, m.kv_blocks.shape[-1]).tolist(), m.kv_counts.reshape(-1).tolist()):
+        listed = row[:cnt]
+        assert len(set(listed)) == cnt and all(0 <= x < nkb for x in listed)
+    # The token-level mask agrees with the block count.
+    tm = token_mask(m, txt)[:, :, txt:, txt:]
+    assert tm.any(-1).all(), "every video query keeps some video key"
+    assert block_density(m.kv_counts, nkb) == pytest.approx(achieved)
+
+
+@pytest.mark.parametrize("bq,bk", [(32, 16), (64, 16), (128, 64)])
+def test_topk_keeps_the_diagonal_even_against_the_scores(bq, bk):
+    grid, txt = (4, 8, 8), 5
+    q, k, _ = qkv(1, 2, txt, grid, seed=3)
+    img = 4 * 8 * 8
+    # Make the diagonal the worst-scoring blocks: keys near each query point away from it.
+    k[:, :, txt:] = -q[:, :, txt:] * 5
+    m = topk_mask(q, k, txt_len=txt, density=0.2, block_q=bq, block_k=bk)
+    diag = diagonal_blocks(img, bq, bk)
+    kept = torch.zeros(1, 2, *diag.shape, dtype=torch.bool)
+    kept.scatter_(-1, m.kv_blocks.long(), True)
+    assert kept[..., diag].all()
+
+
+def test_topk_picks_the_highest_pooled_scores():
+    grid, txt, bq, bk = (2, 8, 8), 0, 32, 16
+    q, k, _ = qkv(1, 1, txt, grid, seed=1)
+    d = torch.zeros(128)
+    d[0] = 1.0
+    q[..., :] = d * 3
+    k[..., :] = 0
+    k[0, 0, 7 * 16:8 * 16] = d * 10  # key block 7 has by far the best score for every query
+    m = topk_mask(q, k, txt_len=txt, density=0.2, block_q=bq, block_k=bk)  # 2 diagonal + block 7
+    assert m.kv_counts.unique().tolist() == [2]  # ceil(0.2*8) = 2 = the diagonal count
+    m = topk_mask(q, k, txt_len=txt, density=0.3, block_q=bq, block_k=bk)
+    assert m.kv_counts.unique().tolist() == [3]
+    assert (m.kv_blocks == 7).any(-1).all()
+
+
+def patterned_qkv(grid, txt, pattern, seed=0):
+    """One head whose attention is strictly spatial (same frame) or temporal (same place, all frames)."""
+    t, h, w = grid
+    n = t * h * w
+    g = torch.Generator().manual_seed(seed)
+    tt = torch.arange(n) // (h * w)
+    ss = torch.arange(n) % (h * w)
+    label = tt if pattern == "spatial" else ss
+    emb = torch.zeros(n, 128)
+    emb[torch.arange(n), label] = 1.0
+    q = torch.cat([torch.randn(txt, 128, generator=g) * 0.1, emb * 12], 0)
+    k = torch.cat([torch.randn(txt, 128, generator=g) * 0.1, emb * 12], 0)
+    v = torch.randn(txt + n, 128, generator=g)
+    return q, k, v
+
+
+def test_svg_picks_temporal_and_spatial_heads():
+    grid, txt = (8, 4, 8), 7  # 32 tokens a frame; a band of 4 x 16 = 64 tokens is 2 frames or 8 frames x 8 places
+    heads = [patterned_qkv(grid, txt, p, seed=i) for i, p in enumerate(["spatial", "temporal", "temporal", "spatial"])]
+    q, k, v = (torch.stack([hd[i] for hd in heads])[None] for i in range(3))
+    m = svg_mask(q, k, v, grid=grid, txt_len=txt, density=0.25, block_q=32, block_k=16, sample_rows_count=16)
+    assert m.temporal.tolist() == [[False, True, True, False]]
+    # And the chosen layout makes the sparse output close to dense (the pattern lies inside the band).
+    dense = torch.softmax(q @ k.transpose(-1, -2) / 128 ** 0.5, -1) @ v
+    sparse = reference_sparse_attention(q, k, v, m, grid=grid, txt_len=txt)
+    err = ((sparse - dense)[:, :, txt:].norm(dim=(-1, -2)) / dense[:, :, txt:].norm(dim=(-1, -2)))
+    assert err.max() < 1e-2, err
+
+
+def test_svg_honours_the_text_padding_mask():
+    grid, txt = (4, 4, 4), 8
+    q, k, v = qkv(1, 2, txt, grid, seed=2)
+    pad = torch.zeros(1, 1, 1, txt + 64)
+    pad[..., 4:txt] = -torch.finfo(torch.float32).max
+    m = svg_mask(q, k, v, grid=grid, txt_len=txt, density=0.3, block_q=16, block_k=16, attn_mask=pad)
+    assert m.temporal.shape == (1, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_permutation_round_trip(device):
+    grid, txt = (3, 4, 5), 6
+    perm, inv = temporal_permutation(grid, device=device)
+    n = 60
+    assert torch.equal(perm[inv], torch.arange(n, device=device))
+    assert torch.equal(inv[perm], torch.arange(n, device=device))
+    # Frame-major: the first 3 permuted tokens are spatial position 0 in frames 0, 1, 2.
+    assert perm[:3].tolist() == [0, 20, 40]
+    x = torch.randn(2, 3, txt + n, 8, device=device)
+    heads = torch.tensor([[True, False, True], [False, True, False]], device=device)
+    y = permute_heads(x, heads, grid, txt)
+    assert torch.equal(y[~heads], x[~heads])
+    assert torch.equal(y[:, :, :txt], x[:, :, :txt])
+    assert torch.equal(y[0, 0, txt:], x[0, 0, txt + perm])
+    assert torch.equal(unpermute_heads(y, heads, grid, txt), x)
+
+
+def test_bad_inputs_fail_clearly():
+    q, k, v = qkv(1, 1, 4, (2, 2, 2))
+    with pytest.raises(ValueError, match="latent grid"):
+        svg_mask(q, k, v, grid=(2, 2, 3), txt_len=4, density=0.5, block_q=16, block_k=16)
+    with pytest.raises(ValueError, match="mask mode"):
+        build_mask(q, k, v, mode="band", grid=(2, 2, 2), txt_len=4, density=0.5)
+    with pytest.raises(ValueError, match="density"):
+        topk_mask(q, k, txt_len=4, density=0.0, block_q=16, block_k=16)
+
+
+def test_sparse_config_validates_and_round_trips():
+    c = SparseConfig()
+    assert (c.density, c.mask_mode, c.refresh_interval, c.rank, c.ssar_order) == (0.15, "svg", 5, 16, 2)
+    assert SparseConfig.from_dict(c.to_dict()) == c
+    assert SparseConfig.from_dict({"density": 0.25}).density == 0.25
+    for bad, match in [({"density": 0}, "density"), ({"density": 1.5}, "density"), ({"density": True}, "density"),
+                       ({"mask_mode": "x"}, "mask_mode"), ({"dense_warmup": -0.1}, "dense_warmup"),
+                       ({"refresh_interval": 0}, "refresh_interval"), ({"rank": 0}, "rank"),
+                       ({"rank": 129}, "rank"), ({"ssar_order": 3}, "ssar_order"), ({"block_q": 100}, "block_q"),
+                       ({"block_k": 8}, "block_k"), ({"svg_sample_rows": 0}, "svg_sample_rows")]:
+        with pytest.raises(ValueError, match=match):
+            SparseConfig(**bad)
+    with pytest.raises(ValueError, match="unknown sparse config fields"):
+        SparseConfig.from_dict({"densty": 0.2})
+    with pytest.raises(ValueError, match="JSON object"):
+        SparseConfig.from_dict([0.2])
