@@ -281,20 +281,3 @@ def token_mask(mask: SparseMask, txt_len: int) -> torch.Tensor:
     out[:, :, txt_len:, txt_len:] = video
     return out
 
-
-def reference_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SparseMask, *,
-                               grid: tuple[int, int, int], txt_len: int,
-                               attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Eager sparse attention ``[B, H, L, D]`` as the kernel runs it (temporal heads permuted), float32 math.
-
-    Small sizes only (``token_mask`` is L x L); the tests and the SSAR benchmark use it as ground truth.
-    """
-    temporal = mask.temporal if mask.temporal is not None else torch.zeros(q.shape[:2], dtype=torch.bool,
-                                                                           device=q.device)
-    qp, kp, vp = (permute_heads(x, temporal, grid, txt_len) for x in (q, k, v))
-    keep = token_mask(mask, txt_len)
-    logits = (qp.float() @ kp.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if attn_mask is not None:
-        logits = logits + attn_mask.float()
-    out = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1) @ vp.float()
-    return unpermute_heads(out.to(q.dtype), temporal, grid, txt_len)

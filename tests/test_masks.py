@@ -8,10 +8,28 @@ import pytest
 import torch
 
 from comfyui_quantsparse.quantsparse.masks import (
-    block_density, build_mask, diagonal_blocks, num_blocks, permute_heads, reference_sparse_attention,
+    block_density, build_mask, diagonal_blocks, num_blocks, permute_heads,
     svg_mask, temporal_permutation, token_mask, topk_mask, unpermute_heads,
 )
+from comfyui_quantsparse.quantsparse.sparse_attention import masked_attention
 from comfyui_quantsparse.quantsparse.sparse_config import SparseConfig
+
+
+def dense_mask_attention(q, k, v, mask, *, grid, txt_len, complement=False):
+    """Output and lse in float32; complement = the unlisted video blocks only (no text columns or rows)."""
+    temporal = mask.temporal if mask.temporal is not None else torch.zeros(q.shape[:2], dtype=torch.bool)
+    qp, kp, vp = (permute_heads(x.float(), temporal, grid, txt_len) for x in (q, k, v))
+    keep = token_mask(mask, txt_len)
+    if complement:
+        keep = ~keep
+        keep[:, :, :, :txt_len] = False
+    logits = (qp @ kp.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    logits = logits.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    out = torch.nan_to_num(torch.softmax(logits, -1)) @ vp
+    return (unpermute_heads(out, temporal, grid, txt_len),
+            unpermute_heads(lse[..., None], temporal, grid, txt_len)[..., 0])
+
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -99,14 +117,32 @@ def patterned_qkv(grid, txt, pattern, seed=0):
 def test_svg_picks_temporal_and_spatial_heads():
     grid, txt = (8, 4, 8), 7  # 32 tokens a frame; a band of 4 x 16 = 64 tokens is 2 frames or 8 frames x 8 places
     heads = [patterned_qkv(grid, txt, p, seed=i) for i, p in enumerate(["spatial", "temporal", "temporal", "spatial"])]
-    q, k, v = (torch.stack([hd[i] for hd in heads])[None] for i in range(3))
+    q, k, v = (torch.stack([hd[i] for hd in heads])[None].half() for i in range(3))
     m = svg_mask(q, k, v, grid=grid, txt_len=txt, density=0.25, block_q=32, block_k=16, sample_rows_count=16)
     assert m.temporal.tolist() == [[False, True, True, False]]
     # And the chosen layout makes the sparse output close to dense (the pattern lies inside the band).
-    dense = torch.softmax(q @ k.transpose(-1, -2) / 128 ** 0.5, -1) @ v
-    sparse = reference_sparse_attention(q, k, v, m, grid=grid, txt_len=txt)
+    dense = torch.softmax(q.float() @ k.float().transpose(-1, -2) / 128 ** 0.5, -1) @ v.float()
+    sparse = masked_attention(q, k, v, m, grid=grid, txt_len=txt).float()
     err = ((sparse - dense)[:, :, txt:].norm(dim=(-1, -2)) / dense[:, :, txt:].norm(dim=(-1, -2)))
     assert err.max() < 1e-2, err
+
+
+@pytest.mark.parametrize("mode", ["svg", "topk"])
+def test_the_kernel_runs_a_mask_as_the_dense_mask_reference(mode):
+    """Kernel (through masked_attention, temporal heads permuted) == an L x L boolean-mask softmax."""
+    grid, txt = (3, 6, 8), 11  # 144 video tokens: neither 32 nor 16 divide the text length
+    q, k, v = (x.half() for x in qkv(2, 4, txt, grid, seed=5))
+    m = build_mask(q, k, v, mode=mode, grid=grid, txt_len=txt, density=0.3, block_q=32, block_k=16)
+    if mode == "svg":
+        m = type(m)(**{**m.__dict__, "temporal": torch.tensor([[True, False, True, False], [False, True, True, False]])})
+    for complement in (False, True):
+        out, lse = masked_attention(q, k, v, m, grid=grid, txt_len=txt, return_lse=True,
+                                    mode="complement" if complement else "sparse")
+        ref_out, ref_lse = dense_mask_attention(q, k, v, m, grid=grid, txt_len=txt, complement=complement)
+        assert torch.allclose(out.float(), ref_out, atol=2e-3), complement
+        live = torch.isfinite(ref_lse)
+        assert torch.equal(live, torch.isfinite(lse))
+        assert torch.allclose(lse[live], ref_lse[live], atol=1e-3)
 
 
 def test_svg_honours_the_text_padding_mask():
