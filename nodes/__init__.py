@@ -10,10 +10,12 @@ from comfy_api.latest import ComfyExtension, io
 
 from .folders import register_folder
 from .loader import QuantSparseLoader
+from .sampler import QuantSparseSampler
+from .sparse_patch import QuantSparseAttention
 
 register_folder()
 
 
 class QuantSparseExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [QuantSparseLoader]
+        return [QuantSparseLoader, QuantSparseAttention, QuantSparseSampler]

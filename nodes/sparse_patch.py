@@ -1,0 +1,199 @@
+"""The "QuantSparse Attention" MODEL patch: sparse attention + SSAR for any stock sampler.
+
+ComfyUI glue only (research/comfyui.md sections 2 and 3, EasyCache's pattern); the decisions and the
+math live in ``quantsparse/attention_override.py``. On a clone of the patcher it installs:
+
+- ``transformer_options["quantsparse"]``: a ``SparsePatch`` holding the settings (and the last run's
+  summary, which the QuantSparse Sampler node shows);
+- an OUTER_SAMPLE wrapper giving every sampling run its own ``SparseRun`` in a per-run copy of the
+  model options, closed in ``finally`` (no cache survives a run, whatever the next run's settings);
+- a DIFFUSION_MODEL wrapper recording per model call the latent grid, the image token count and the
+  step index, and timing the call;
+- the attention override, which passes the text-refiner calls (no ``block_type``) and anything it
+  cannot handle to the previous override or the backend ``func``, and uses that same dense path on
+  dense warm-up steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional
+
+import torch
+
+import comfy.model_patcher
+import comfy.patcher_extension
+from comfy_api.latest import io
+
+from ..quantsparse.attention_override import (SparseRun, format_summary, key_padding_from_mask,
+                                              sparse_attention_call)
+from ..quantsparse.sparse_config import MASK_MODES, SparseConfig
+from ..quantsparse.ssar import DENSE
+
+PATCH_KEY = "quantsparse"          # SparsePatch (settings), on the patched model's options
+RUN_KEY = "quantsparse_run"        # SparseRun, only inside a sampling run's options copy
+CALL_KEY = "quantsparse_call"      # per model call: grid, img_len, step
+WRAPPER_KEY = "quantsparse"
+HEAD_DIM = 128
+
+log = logging.getLogger("quantsparse")
+
+
+class SparsePatch:
+    """Settings of one patched model, and the summary of the last run sampled with it."""
+
+    def __init__(self, config: SparseConfig):
+        self.config = config
+        self.last_summary: Optional[dict] = None
+
+
+def sparse_inputs() -> list:
+    """The knobs, shared by the patch node and the sampler node."""
+    d = SparseConfig()
+    return [
+        io.Float.Input("density", default=d.density, min=0.01, max=1.0, step=0.01,
+                       tooltip="Fraction of video-to-video attention blocks computed on sparse steps (1 = dense)."),
+        io.Combo.Input("mask_mode", options=list(MASK_MODES), default=d.mask_mode,
+                       tooltip="svg: per head spatial or temporal band (SparseVideoGen); topk: pooled block scores."),
+        io.Float.Input("dense_warmup", default=d.dense_warmup, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the first (high-noise) steps run with dense attention."),
+        io.Int.Input("refresh_interval", default=d.refresh_interval, min=1, max=100,
+                     tooltip="SSAR recomputes dense attention (and its residual cache) every this many steps."),
+        io.Int.Input("rank", default=d.rank, min=1, max=HEAD_DIM,
+                     tooltip="Rank of SSAR's second-order correction."),
+        io.Int.Input("ssar_order", default=d.ssar_order, min=0, max=2,
+                     tooltip="0: plain sparse; 1: add the cached residual; 2: plus its rank-r change."),
+        io.Int.Input("block_q", default=d.block_q, min=16, max=256, advanced=True,
+                     tooltip="Video tokens per query block (power of two); smaller = finer masks, slower kernel."),
+        io.Int.Input("block_k", default=d.block_k, min=16, max=256, advanced=True,
+                     tooltip="Video tokens per key block (power of two)."),
+    ]
+
+
+def config_from_widgets(density, mask_mode, dense_warmup, refresh_interval, rank, ssar_order, block_q,
+                        block_k) -> SparseConfig:
+    return SparseConfig(density=float(density), mask_mode=mask_mode, dense_warmup=float(dense_warmup),
+                        refresh_interval=int(refresh_interval), rank=int(rank), ssar_order=int(ssar_order),
+                        block_q=int(block_q), block_k=int(block_k))
+
+
+class SparseAttentionOverride:
+    """The ``optimized_attention_override`` callable; ``previous`` is the override it chains to."""
+
+    def __init__(self, previous=None):
+        self.previous = previous
+
+    def _dense(self, func, args, kwargs):
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func, *args, **kwargs):
+        to = kwargs.get("transformer_options") or {}
+        run: Optional[SparseRun] = to.get(RUN_KEY)
+        call = to.get(CALL_KEY)
+        if run is None or call is None or "block_type" not in to or len(args) < 4:
+            if run is not None:
+                run.note_passthrough()
+            return self._dense(func, args, kwargs)  # refiner calls, other models, calls outside a run
+        q, k, v = args[:3]
+        seq = q.shape[2] if q.dim() == 4 else -1
+        if (not kwargs.get("skip_reshape") or q.dim() != 4 or q.shape[-1] != HEAD_DIM or k.shape != q.shape
+                or v.shape != q.shape or seq <= call["img_len"]):
+            run.note_passthrough()
+            return self._dense(func, args, kwargs)
+        step = call["step"]
+        if run.kind(step) == DENSE:
+            run.record(DENSE, step)
+            return self._dense(func, args, kwargs)
+        b, h, _, d = q.shape
+        out = sparse_attention_call(
+            run, q, k, v, block_type=to["block_type"], block_index=int(to.get("block_index", 0)), step=step,
+            grid=call["grid"], txt_len=seq - call["img_len"], cond_rows=to.get("cond_or_uncond"),
+            key_padding=key_padding_from_mask(kwargs.get("mask"), b, seq))
+        if kwargs.get("skip_output_reshape"):
+            return out
+        return out.transpose(1, 2).reshape(b, seq, h * d)
+
+
+def _transformer_options(args, kwargs):
+    if args and isinstance(args[-1], dict):
+        return args[-1], "args"
+    return kwargs.get("transformer_options"), "kwargs"
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """A fresh SparseRun per sampling run, in a per-run copy of the options; freed in ``finally``."""
+    guider = executor.class_obj
+    orig = guider.model_options
+    patch: SparsePatch = orig["transformer_options"][PATCH_KEY]
+    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+    run = SparseRun(patch.config, sigmas)
+    try:
+        guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
+        guider.model_options["transformer_options"][RUN_KEY] = run
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = orig
+        run.close()
+        patch.last_summary = run.summary()
+        log.info("QuantSparse attention run:\n%s", format_summary(patch.last_summary))
+
+
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    """Per model call: the latent grid (patch (1, 2, 2)), the image token count and the step."""
+    to, where = _transformer_options(args, kwargs)
+    run: Optional[SparseRun] = to.get(RUN_KEY) if to else None
+    x = args[0] if args else None
+    patch_size = getattr(executor.class_obj, "patch_size", None)
+    ref_latent = kwargs.get("ref_latent", args[9] if len(args) > 10 else None)
+    if (run is None or not isinstance(x, torch.Tensor) or x.dim() != 5 or patch_size is None
+            or len(patch_size) != 3 or ref_latent is not None or to.get("sigmas") is None):
+        return executor(*args, **kwargs)  # not a HunyuanVideo-style call we can mask: dense
+    grid = tuple(int(s) // int(p) for s, p in zip(x.shape[2:], patch_size))
+    step = run.step_of(to["sigmas"])
+    to = dict(to)
+    to[CALL_KEY] = {"grid": grid, "img_len": math.prod(grid), "step": step}
+    if where == "args":
+        args = args[:-1] + (to,)
+    else:
+        kwargs = dict(kwargs, transformer_options=to)
+    with run.timed(step, x.device):
+        return executor(*args, **kwargs)
+
+
+def apply_sparse_patch(model, config: SparseConfig) -> tuple[Any, SparsePatch]:
+    """A clone of ``model`` with sparse attention installed; returns (clone, its SparsePatch)."""
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+    previous = to.get("optimized_attention_override")
+    if isinstance(previous, SparseAttentionOverride):
+        previous = previous.previous  # patching twice replaces our settings, it does not stack two sparsifiers
+    patch = SparsePatch(config)
+    to[PATCH_KEY] = patch
+    to["optimized_attention_override"] = SparseAttentionOverride(previous)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
+    return m, patch
+
+
+class QuantSparseAttention(io.ComfyNode):
+    """MODEL -> MODEL: the sampler that uses it runs sparse attention with the SSAR cache."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QuantSparseAttention",
+            display_name="QuantSparse Attention",
+            category="QuantSparse",
+            description="Block-sparse attention with the SSAR residual cache for HunyuanVideo, for any sampler "
+                        "(KSampler, SamplerCustomAdvanced). Each sampling run gets a fresh cache.",
+            inputs=[io.Model.Input("model")] + sparse_inputs(),
+            outputs=[io.Model.Output(tooltip="The model with sparse attention installed.")],
+        )
+
+    @classmethod
+    def execute(cls, model, **knobs) -> io.NodeOutput:
+        m, _ = apply_sparse_patch(model, config_from_widgets(**knobs))
+        return io.NodeOutput(m)
