@@ -247,3 +247,38 @@ def test_tiny_hunyuan_model_refresh_step_is_dense_and_refiner_passes_through():
     # the step after the refresh, same inputs: sparse + cached residual restores most of dense
     rel_sparse = float((sparse - dense).norm() / dense.norm())
     assert rel_sparse < 0.05, rel_sparse
+
+
+@pytest.mark.gpu
+def test_gpu_override_through_the_triton_kernel_svg_masks_and_compact_cache():
+    """The whole sparse path on CUDA in BF16 (kernel, svg masks, FP8 low-rank SSAR cache): a refresh
+    step is dense attention, and on a slowly changing input the corrected sparse step is closer to
+    dense attention than the plain sparse output."""
+    from comfyui_quantsparse.quantsparse.ssar import DEFAULT_LAYOUT
+
+    grid, txt, heads = (5, 16, 24), 61, 4
+    seq = txt + grid[0] * grid[1] * grid[2]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, heads, seq, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    padding = torch.ones(1, seq, dtype=torch.bool, device="cuda")
+    padding[:, txt - 5:txt] = False  # padded text tokens
+    config = SparseConfig(density=0.25, mask_mode="svg", dense_warmup=0.0, refresh_interval=4, ssar_order=2,
+                          block_q=64, block_k=64)
+    run = SparseRun(config, torch.linspace(1.0, 0.0, 9, device="cuda"), layout=DEFAULT_LAYOUT)
+    kw = dict(block_type="single", block_index=3, grid=grid, txt_len=txt, key_padding=padding)
+    bias = torch.where(padding, 0.0, float("-inf"))[:, None, None, :]
+    dense = lambda q_, k_, v_: F.scaled_dot_product_attention(q_.float(), k_.float(), v_.float(), attn_mask=bias)  # noqa: E731
+    out0 = sparse_attention_call(run, q, k, v, step=0, **kw)
+    assert out0.dtype == torch.bfloat16 and out0.is_cuda
+    assert float((out0.float() - dense(q, k, v)).abs().max()) < 3e-2  # refresh step = dense (BF16 bound)
+    mask = build_mask(q, k, v, mode="svg", grid=grid, txt_len=txt, density=0.25, block_q=64, block_k=64)
+    q1, k1, v1 = (t + 0.05 * torch.randn(t.shape, device="cuda", generator=g, dtype=torch.bfloat16) for t in (q, k, v))
+    out1 = sparse_attention_call(run, q1, k1, v1, step=1, **kw).float()
+    plain = masked_attention(q1, k1, v1, mask, grid=grid, txt_len=txt, key_padding=padding).float()
+    ref1 = dense(q1, k1, v1)
+    err_corrected = float((out1 - ref1)[:, :, txt:].norm() / ref1[:, :, txt:].norm())
+    err_plain = float((plain - ref1)[:, :, txt:].norm() / ref1[:, :, txt:].norm())
+    assert torch.isfinite(out1).all() and err_corrected < err_plain, (err_corrected, err_plain)
+    summary = run.summary()
+    assert summary["refresh_steps"] == 1 and summary["sparse_steps"] == 1 and summary["cache_bytes"] > 0
+    run.close()
