@@ -4,8 +4,8 @@
 (fraction of video-to-video key blocks computed), in dense mode, and a SSAR refresh step (sparse +
 complement + merge). Every configuration is first checked: dense against cuDNN on all rows, sparse and
 complement against a float32 reference on a subset of query rows (text rows, first / middle / last
-video query blocks). Skeleton: masks are random lists until the mask selection lands; plug it into
-``select_mask`` (its time is then counted in ours_ms, as the issue asks).
+video query blocks) with random block lists. The timed sparse and refresh rows run what the product
+runs, mask selection included (svg: sampled rows, spatial/temporal choice per head, permutation).
 
     python benchmarks/bench_attention.py --out benchmarks/results/attention_h100.json
 """
@@ -24,6 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import bench_ms, environment, rel_err, write_json  # noqa: E402
 
+from comfyui_quantsparse.quantsparse.masks import build_mask  # noqa: E402
+from comfyui_quantsparse.quantsparse.sparse_attention import masked_attention  # noqa: E402
 from comfyui_quantsparse.kernels.sparse_attention import (  # noqa: E402
     block_mask, block_sparse_attention_triton, merge_attention, row_mask,
 )
@@ -45,9 +47,19 @@ def random_mask(q, k, density, txt_len, block_q, block_k, gen):
     return blocks, torch.full((b, h, nqb), n, dtype=torch.int32, device=q.device)
 
 
-def select_mask(q, k, density, txt_len, block_q, block_k, gen):
-    """HOOK: the mask selection (quantsparse's svg / topk) goes here; random lists for now."""
-    return random_mask(q, k, density, txt_len, block_q, block_k, gen)
+GRIDS = {30210: (19, 30, 53), 118800: (33, 45, 80)}  # 848x480x73 and 1280x720x129 latents, 2x2 patches
+
+
+def product_step(q, k, v, density, grid, block_q, block_k, mode="sparse"):
+    """What a sparse step costs in the product: svg mask selection from the live q, k, v (sampled rows,
+    spatial/temporal choice per head), the temporal heads' permutation, and the kernel."""
+    mask = build_mask(q, k, v, mode="svg", grid=grid, txt_len=TXT, density=density, block_q=block_q,
+                      block_k=block_k)
+    if mode == "sparse":
+        return masked_attention(q, k, v, mask, grid=grid, txt_len=TXT)
+    s = masked_attention(q, k, v, mask, grid=grid, txt_len=TXT, mode="sparse", return_lse=True)
+    c = masked_attention(q, k, v, mask, grid=grid, txt_len=TXT, mode="complement", return_lse=True)
+    return merge_attention(*s, *c)
 
 
 def check_rows(q, k, v, out, lse, blocks, counts, txt_len, mode, block_q, block_k) -> float:
@@ -101,18 +113,15 @@ def run_length(l_img, args, gen):
         q, k, v, None, None, txt_len=TXT, mode="dense", block_q=bq, block_k=bk)), err)
     del out
     for density in DENSITIES:
-        blocks, counts = select_mask(q, k, density, TXT, bq, bk, gen)
+        blocks, counts = random_mask(q, k, density, TXT, bq, bk, gen)  # the kernel's check: random lists
         kw = dict(txt_len=TXT, block_q=bq, block_k=bk)
         out, lse = block_sparse_attention_triton(q, k, v, blocks, counts, mode="sparse", return_lse=True, **kw)
         err = check_rows(q, k, v, out, lse, blocks, counts, TXT, "sparse", bq, bk)
         assert err < 2e-2, f"sparse {density}: rel err {err}"
         del out, lse
 
-        def sparse_step():
-            b, c = select_mask(q, k, density, TXT, bq, bk, gen)
-            return block_sparse_attention_triton(q, k, v, b, c, mode="sparse", **kw)
-
-        row(density, "sparse", bench_ms(sparse_step), err)
+        grid = GRIDS.get(l_img, (1, 1, l_img))
+        row(density, "sparse", bench_ms(lambda: product_step(q, k, v, density, grid, bq, bk)), err)
         if density == REFRESH_DENSITY:
             o_c, l_c = block_sparse_attention_triton(q, k, v, blocks, counts, mode="complement", return_lse=True, **kw)
             err_c = check_rows(q, k, v, o_c, l_c, blocks, counts, TXT, "complement", bq, bk)
@@ -122,13 +131,7 @@ def run_length(l_img, args, gen):
             assert err_c < 2e-2 and err_m < 2e-2, f"refresh: complement {err_c}, merged vs dense {err_m}"
             del o_c, l_c, o_s, l_s, merged
 
-            def refresh_step():
-                b, c = select_mask(q, k, density, TXT, bq, bk, gen)
-                s = block_sparse_attention_triton(q, k, v, b, c, mode="sparse", return_lse=True, **kw)
-                cpl = block_sparse_attention_triton(q, k, v, b, c, mode="complement", return_lse=True, **kw)
-                return merge_attention(*s, *cpl)
-
-            row(density, "refresh", bench_ms(refresh_step), err_m)
+            row(density, "refresh", bench_ms(lambda: product_step(q, k, v, density, grid, bq, bk, "refresh")), err_m)
     return rows
 
 
@@ -145,7 +148,7 @@ def main():
         rows += run_length(l_img, args, gen)
         torch.cuda.empty_cache()
     write_json(args.out, dict(environment(), heads=HEADS, head_dim=HEAD_DIM, txt_len=TXT, block_q=args.block_q,
-                              block_k=args.block_k, mask="random (select_mask hook)", rows=rows))
+                              block_k=args.block_k, mask="timed rows: svg selection (quantsparse.masks.build_mask) + permutation + kernel; checks: random lists", rows=rows))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def _num_blocks(n: int, block: int) -> int:
     return -(-n // block)
 
 
-def _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, block_k) -> tuple[int, int]:
+def _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, block_k,
+           check_lists=True) -> tuple[int, int]:
     """Rejects bad input with a message naming the problem; returns (NQB, NKB). Costs one host sync
     (list ranges and duplicates), because a bad index would read out of bounds on the GPU and a
     duplicate would silently count a block twice."""
@@ -84,6 +85,8 @@ def _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, b
     if kv_blocks.device != q.device or kv_counts.device != q.device:
         raise ValueError(f"{name}: kv_blocks and kv_counts must be on {q.device}")
     maxk = kv_blocks.shape[3]
+    if not check_lists:  # lists made by quantsparse.masks: valid by construction, and the check costs a sync
+        return nqb, nkb
     if kv_blocks.numel() == 0:
         if kv_counts.numel() and int(kv_counts.abs().max()) != 0:
             raise ValueError(f"{name}: kv_counts must be 0 when kv_blocks has no entries")
@@ -137,10 +140,10 @@ def row_mask(rows: torch.Tensor, seq: int, txt_len: int, blocks: torch.Tensor | 
 
 
 def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, txt_len, key_padding=None, sm_scale=None,
-                                     mode="sparse", block_q=128, block_k=64, return_lse=False):
+                                     mode="sparse", block_q=128, block_k=64, return_lse=False, check_lists=True):
     """Eager reference: the boolean mask built from the lists, float32 softmax attention, in chunks of
     query rows so that it also checks GPU-sized inputs (a few thousand tokens)."""
-    nqb, nkb = _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, block_k)
+    nqb, nkb = _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, block_k, check_lists)
     bsz, heads, seq, d = q.shape
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     blocks = None if mode == "dense" else block_mask(kv_blocks, kv_counts, nkb)
@@ -330,10 +333,11 @@ def _launch(q, k, v, out, lse, blocks, counts, maxk, txt_len, key_padding, sm_sc
 
 
 def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, txt_len, key_padding=None, sm_scale=None,
-                                  mode="sparse", block_q=128, block_k=64, return_lse=False, config=None):
+                                  mode="sparse", block_q=128, block_k=64, return_lse=False, check_lists=True,
+                                  config=None):
     """Triton kernel, same contract as :func:`block_sparse_attention_reference`; ``config`` overrides
     the launch parameters (num_warps, num_stages) for sweeps."""
-    nqb, nkb = _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, block_k)
+    nqb, nkb = _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, block_k, check_lists)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bsz, heads, seq, d = q.shape
     out = torch.empty(bsz, heads, seq, d, dtype=q.dtype, device=q.device)

@@ -25,7 +25,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Sp
     if permuted:
         q, k, v = (permute_heads(x, temporal, grid, txt_len) for x in (q, k, v))
     res = block_sparse_attention(q, k, v, mask.kv_blocks, mask.kv_counts, txt_len=txt_len, key_padding=key_padding,
-                                 mode=mode, block_q=mask.block_q, block_k=mask.block_k, return_lse=return_lse)
+                                 mode=mode, block_q=mask.block_q, block_k=mask.block_k, return_lse=return_lse,
+                                 check_lists=False)
     if not permuted:
         return res
     if not return_lse:
