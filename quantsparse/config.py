@@ -22,8 +22,28 @@ def qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
+class JsonConfig:
+    """to_dict / from_dict for the frozen config dataclasses stored in checkpoint metadata: missing
+    fields take their defaults, unknown ones are an error naming the known fields."""
+
+    LABEL = "config"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{cls.LABEL} must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.LABEL} fields {unknown}; known fields are {sorted(known)}")
+        return cls(**dict(data))
+
+
 @dataclass(frozen=True)
-class QuantSparseConfig:
+class QuantSparseConfig(JsonConfig):
     """How a model is quantized.
 
     ``bits`` names the scheme of the attention and MLP Linears of the transformer blocks;
@@ -36,6 +56,8 @@ class QuantSparseConfig:
     group_size: int = 0
     rotate: bool = True
     weight_only_bits: int = 4
+
+    LABEL = "quantization config"
 
     def __post_init__(self) -> None:
         if self.bits not in BIT_SCHEMES:
@@ -61,15 +83,3 @@ class QuantSparseConfig:
     def act_bits(self) -> int:
         return BIT_SCHEMES[self.bits][1]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "QuantSparseConfig":
-        if not isinstance(data, Mapping):
-            raise ValueError(f"quantization config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown quantization config fields {unknown}; known fields are {sorted(known)}")
-        return cls(**dict(data))

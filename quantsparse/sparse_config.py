@@ -8,10 +8,11 @@ not deep inside a kernel.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
+
+from .config import JsonConfig
 
 MASK_MODES = ("svg", "topk")
 SSAR_ORDERS = (0, 1, 2)  # 0 = no residual cache (plain sparse), 1 = cached residual, 2 = + rank-r second order
@@ -27,7 +28,7 @@ def _is_int(x: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class SparseConfig:
+class SparseConfig(JsonConfig):
     """How attention runs while sampling.
 
     - ``density``: fraction of the video-to-video (query block, key block) pairs computed, in (0, 1];
@@ -42,6 +43,8 @@ class SparseConfig:
     - ``block_q`` / ``block_k``: video tokens per query / key block of the kernel and of the masks.
     - ``svg_sample_rows``: query rows computed densely to choose each head's svg pattern (SVG: 64).
     """
+
+    LABEL = "sparse config"
 
     density: float = 0.15
     mask_mode: str = "svg"
@@ -80,16 +83,3 @@ class SparseConfig:
     def is_dense(self) -> bool:
         return self.density >= 1.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SparseConfig":
-        """Missing fields take their defaults (older checkpoints); unknown fields are an error."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"sparse config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown sparse config fields {unknown}; known fields are {sorted(known)}")
-        return cls(**dict(data))
