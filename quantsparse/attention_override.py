@@ -28,7 +28,7 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
-from .masks import build_mask
+from .masks import build_mask, cat_masks
 from .sparse_attention import masked_attention
 from .sparse_config import SparseConfig
 from .ssar import DEFAULT_LAYOUT, DENSE, REFRESH, SPARSE, CacheLayout, SSARState, step_kind
@@ -97,6 +97,8 @@ class SparseRun:
         self.ssar = SSARState(config, total_steps=self.total_steps, layout=layout)
         self.last_step = 0
         self.steps_by_kind: dict[str, set] = {DENSE: set(), REFRESH: set(), SPARSE: set()}
+        self._masks: dict = {}  # per call site: (mask, step it was chosen at)
+        self.mask_builds = 0
         self.calls: Counter = Counter()      # per kind, plus "passthrough"
         self._density_sum = 0.0               # over masked (refresh + sparse) calls
         self._masked_calls = 0
@@ -141,12 +143,25 @@ class SparseRun:
     def note_passthrough(self) -> None:
         self.calls["passthrough"] += 1
 
+    def mask_for(self, site, step: int, kind: str, build):
+        """The mask of one call site (block, shapes): chosen at each refresh step and kept until the next,
+        so that the sparse steps add each SSAR correction under the mask it was measured with, and the
+        selection (sampled rows, spatial/temporal choice) is paid once per interval, not per step.
+        Without refreshes (SSAR off) it is chosen again every ``refresh_interval`` steps."""
+        cached = self._masks.get(site)
+        if kind == REFRESH or cached is None or step - cached[1] >= self.config.refresh_interval or step < cached[1]:
+            cached = (build(), step)
+            self._masks[site] = cached
+            self.mask_builds += 1
+        return cached[0]
+
     def summary(self) -> dict:
         """What the run did: step counts per kind, achieved density, cache memory, time per step."""
         secs = [self.step_seconds[s] for s in sorted(self.step_seconds)]
         return {
             "steps": self.total_steps,
             "dense_steps": len(self.steps_by_kind[DENSE]),
+            "mask_builds": self.mask_builds,
             "refresh_steps": len(self.steps_by_kind[REFRESH]),
             "sparse_steps": len(self.steps_by_kind[SPARSE]),
             "attention_calls": {k: int(v) for k, v in sorted(self.calls.items())},
@@ -161,6 +176,7 @@ class SparseRun:
     def close(self) -> None:
         """Free the cache (the OUTER_SAMPLE wrapper's ``finally``); the summary's counts stay."""
         self.ssar.entries.clear()
+        self._masks.clear()
         self.closed = True
 
 
@@ -221,12 +237,20 @@ def sparse_attention_call(run: SparseRun, q: torch.Tensor, k: torch.Tensor, v: t
         return out
 
     cfg = run.config
-    bias = None if key_padding is None else torch.where(key_padding, 0.0, -1e30).to(torch.float32)
-    mask = build_mask(q, k, v, mode=cfg.mask_mode, grid=grid, txt_len=txt_len, density=cfg.density,
-                      block_q=cfg.block_q, block_k=cfg.block_k, sample_rows_count=cfg.svg_sample_rows, attn_mask=bias)
+    chunks = _chunk_keys(block_type, block_index, cond_rows, b)
+
+    def choose(rows):
+        return lambda: build_mask(
+            q[rows], k[rows], v[rows], mode=cfg.mask_mode, grid=grid, txt_len=txt_len, density=cfg.density,
+            block_q=cfg.block_q, block_k=cfg.block_k, sample_rows_count=cfg.svg_sample_rows,
+            attn_mask=None if key_padding is None else
+            torch.where(key_padding[rows], 0.0, -1e30).to(torch.float32)[:, None, None, :])
+
+    # One mask per SSAR key (block, cond/uncond chunk), in this call's batch order.
+    mask = cat_masks([run.mask_for((key, q[rows].shape, tuple(grid)), step, kind, choose(rows))
+                      for key, rows in chunks])
     o_s, lse_s = masked_attention(q, k, v, mask, grid=grid, txt_len=txt_len, key_padding=key_padding,
                                   mode="sparse", return_lse=True)
-    chunks = _chunk_keys(block_type, block_index, cond_rows, b)
     if kind == REFRESH:
         o_c, lse_c = masked_attention(q, k, v, mask, grid=grid, txt_len=txt_len, key_padding=key_padding,
                                       mode="complement", return_lse=True)

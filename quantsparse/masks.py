@@ -44,6 +44,25 @@ class SparseMask:
         return block_density(self.kv_counts, self.num_kv_blocks)
 
 
+def cat_masks(masks: "list[SparseMask]") -> SparseMask:
+    """Masks of consecutive batch chunks (the cond/uncond halves of a CFG batch) as one."""
+    if len(masks) == 1:
+        return masks[0]
+    first = masks[0]
+    if any((m.num_kv_blocks, m.img_len, m.block_q, m.block_k) != (first.num_kv_blocks, first.img_len, first.block_q,
+                                                                   first.block_k) for m in masks):
+        raise ValueError("cat_masks: the chunks' masks differ in geometry")
+    maxk = max(m.kv_blocks.shape[-1] for m in masks)
+    blocks = torch.cat([torch.nn.functional.pad(m.kv_blocks, (0, maxk - m.kv_blocks.shape[-1])) for m in masks])
+    temporal = None
+    if any(m.temporal is not None for m in masks):
+        temporal = torch.cat([m.temporal if m.temporal is not None else
+                              torch.zeros(m.kv_counts.shape[:2], dtype=torch.bool, device=m.kv_counts.device)
+                              for m in masks])
+    return SparseMask(blocks, torch.cat([m.kv_counts for m in masks]), first.num_kv_blocks, first.img_len,
+                      first.block_q, first.block_k, temporal)
+
+
 def num_blocks(n: int, block: int) -> int:
     return -(-n // block)
 
@@ -243,7 +262,7 @@ def svg_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[i
                 sparse = torch.softmax(logits.masked_fill(~keeps[c], float("-inf")), -1) @ vv
                 err[c, bi, h0:h0 + chunk] = (sparse - dense).square().sum((-1, -2))
     temporal = err[1] < err[0]
-    kv_blocks = band.expand(b, h, *band.shape).contiguous()
+    kv_blocks = band.expand(b, h, *band.shape)  # one band for every head: a view, not B*H copies
     counts = torch.full((b, h, band.shape[0]), keep, dtype=torch.int32, device=dev)
     return SparseMask(kv_blocks, counts, nkb, img_len, block_q, block_k, temporal=temporal)
 

@@ -282,3 +282,29 @@ def test_gpu_override_through_the_triton_kernel_svg_masks_and_compact_cache():
     summary = run.summary()
     assert summary["refresh_steps"] == 1 and summary["sparse_steps"] == 1 and summary["cache_bytes"] > 0
     run.close()
+
+
+def test_masks_are_chosen_at_refresh_steps_and_kept_until_the_next():
+    """Sparse steps reuse the refresh step's mask (the cached correction belongs to it) and selection is paid
+    once per interval; without SSAR the mask is chosen again every refresh_interval steps."""
+    config = cfg(dense_warmup=0.0, refresh_interval=3, ssar_order=1)
+    run = SparseRun(config, sigmas(7), layout=EXACT_LAYOUT)
+    q, k, v = qkv(5)
+    for step in range(7):
+        q_step = q + 0.5 * step * torch.randn(q.shape, generator=torch.Generator().manual_seed(step)).to(q.dtype)
+        call(run, q_step, k, v, step)
+    assert [run.kind(s) for s in range(7)] == [REFRESH, SPARSE, SPARSE, REFRESH, SPARSE, SPARSE, REFRESH]
+    assert run.summary()["mask_builds"] == 3
+    # the mask used at step 1 is the one chosen at step 0, even though q changed
+    site = next(iter(run._masks))
+    assert run._masks[site][1] == 6
+    off = SparseRun(cfg(dense_warmup=0.0, refresh_interval=2, ssar_order=0), sigmas(5))
+    for step in range(5):
+        call(off, q, k, v, step)
+    assert off.summary()["mask_builds"] == 3  # steps 0, 2, 4
+    two_sites = SparseRun(cfg(dense_warmup=0.0, refresh_interval=3, ssar_order=1), sigmas(3), layout=EXACT_LAYOUT)
+    call(two_sites, q, k, v, 0, block_index=0)
+    call(two_sites, q, k, v, 0, block_index=1)
+    assert two_sites.summary()["mask_builds"] == 2
+    two_sites.close()
+    assert not two_sites._masks
