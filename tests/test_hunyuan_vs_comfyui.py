@@ -98,13 +98,19 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _same_weights(comfy, dtype):
+    """ComfyUI's model and ours, both loaded (strictly) with one random state dict."""
+    sd = make_random_state_dict(TINY, 0, dtype=dtype)
+    theirs = _build_comfy(comfy, TINY, dtype)
+    theirs.load_state_dict(sd, strict=True)
+    ours = HunyuanVideo(TINY, dtype=dtype)
+    ours.load_state_dict(sd, strict=True)
+    return theirs, ours
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "text_mask"])
 def test_same_output_float32(comfy, masked):
-    sd = make_random_state_dict(TINY, 0, dtype=torch.float32)
-    theirs = _build_comfy(comfy, TINY, torch.float32)
-    theirs.load_state_dict(sd, strict=True)
-    ours = HunyuanVideo(TINY, dtype=torch.float32)
-    ours.load_state_dict(sd, strict=True)
+    theirs, ours = _same_weights(comfy, torch.float32)
     x, t, ctx, y, g, mask = _inputs()
     mask = mask if masked else None
     with torch.no_grad():
@@ -117,11 +123,7 @@ def test_same_output_float32(comfy, masked):
 
 
 def test_same_output_bf16(comfy):
-    sd = make_random_state_dict(TINY, 0, dtype=torch.bfloat16)
-    theirs = _build_comfy(comfy, TINY, torch.bfloat16)
-    theirs.load_state_dict(sd, strict=True)
-    ours = HunyuanVideo(TINY, dtype=torch.bfloat16)
-    ours.load_state_dict(sd, strict=True)
+    theirs, ours = _same_weights(comfy, torch.bfloat16)
     x, t, ctx, y, g, mask = _inputs()
     bf = torch.bfloat16
     with torch.no_grad():

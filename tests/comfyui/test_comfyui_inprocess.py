@@ -198,6 +198,16 @@ def test_folder_registration_keeps_user_paths_and_filters_extensions(qs, monkeyp
     assert exts == {".safetensors"}
 
 
+def patched_call(patcher, layer, x, device):
+    """``layer(x)`` with ``patcher``'s patches applied on ``device``, unpatched afterwards."""
+    patcher.patch_model(device_to=device)
+    try:
+        with torch.no_grad():
+            return layer(x)
+    finally:
+        patcher.unpatch_model()
+
+
 def test_bypass_lora_adds_beside_a_quantized_layer(qs, tiny_files):
     """The alternative the refusal message names: bypass LoRA gives quantized(x) + up(down(x)) exactly."""
     import comfy.sd
@@ -210,16 +220,5 @@ def test_bypass_lora_adds_beside_a_quantized_layer(qs, tiny_files):
     layer = p.model.diffusion_model.double_blocks[0].img_attn.qkv
     x = torch.randn(1, 5, layer.in_features, generator=torch.Generator().manual_seed(3)).to(dev)
     bypassed, _ = comfy.sd.load_bypass_lora_for_models(p, None, lora, 1.0, 0.0)
-    p.patch_model(device_to=dev)
-    try:
-        with torch.no_grad():
-            plain = layer(x)
-    finally:
-        p.unpatch_model()
-    bypassed.patch_model(device_to=dev)
-    try:
-        with torch.no_grad():
-            with_lora = layer(x)
-    finally:
-        bypassed.unpatch_model()
+    plain, with_lora = (patched_call(patcher, layer, x, dev) for patcher in (p, bypassed))
     torch.testing.assert_close(with_lora, plain + x @ down.T @ up.T, rtol=1e-5, atol=1e-4)
