@@ -86,7 +86,9 @@ def w4a16_gemm(x, w_packed, w_scale, bias=None, group_size=0):
 
 
 def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, txt_len, key_padding=None, sm_scale=None,
-                           mode="sparse", block_q=128, block_k=64, return_lse=False, check_lists=True):
+                           mode="sparse", block_q=128, block_k=64, return_lse=False, check_lists=True,
+                           temporal=None, grid=None):
     fn = block_sparse_attention_triton if use_triton(q) else block_sparse_attention_reference
     return fn(q, k, v, kv_blocks, kv_counts, txt_len=txt_len, key_padding=key_padding, sm_scale=sm_scale,
-              mode=mode, block_q=block_q, block_k=block_k, return_lse=return_lse, check_lists=check_lists)
+              mode=mode, block_q=block_q, block_k=block_k, return_lse=return_lse, check_lists=check_lists,
+              temporal=temporal, grid=grid)

@@ -6,14 +6,23 @@ tokens and video keys into blocks of ``block_k``; ``kv_blocks[b, h, i, :kv_count
 video key blocks that video query block i of (b, h) attends to. Text rows and text columns are always
 computed (SVG keeps them dense: few tokens, much attention mass).
 
-Three modes share one kernel:
+Four modes share one kernel:
 - ``sparse``: text keys plus the listed video key blocks (text queries: all keys);
 - ``dense``: every key block (the lists are ignored), so that a dense step costs what cuDNN does and
   needs no other backend;
 - ``complement``: for video queries exactly the video key blocks NOT listed, no text keys; text queries
   nothing. A sparse pass and a complement pass partition every row's keys, so merging their outputs by
   their log-sum-exp (:func:`merge_attention`) is dense attention: a SSAR refresh step then costs one
-  dense pass instead of dense plus sparse, and yields the residual ``w_c * (O_c - O_s)`` exactly.
+  dense pass instead of dense plus sparse, and yields the residual ``w_c * (O_c - O_s)`` exactly;
+- ``refresh``: the SSAR refresh step in one launch: each video query block runs its listed blocks,
+  keeps that sparse output, then continues the same online softmax over the complement (the gaps
+  between its sorted list entries) to the dense output. Returns the dense output and the float32
+  residual ``dense - sparse`` of the video rows: one dense pass, no complement lists, no merge.
+
+``temporal`` (bool ``[B, H]``) with ``grid = (T, H, W)``: those heads' lists refer to the frame-major
+layout of SparseVideoGen's temporal heads (one spatial position across all frames, then the next);
+the kernel reads q, k, v and writes the outputs through that permutation's index arithmetic, so
+nothing is gathered or copied and every output is in (t, h, w) order.
 
 A row whose keys are all masked (padding, or a text row in complement mode) outputs 0 with
 lse = -inf, so that merging treats it as empty. lse is natural-log, float32.
@@ -28,7 +37,7 @@ import torch
 from ._triton import HAS_TRITON, interpreting, tl, triton
 
 HEAD_DIM = 128
-MODES = ("sparse", "dense", "complement")
+MODES = ("sparse", "dense", "complement", "refresh")
 _MODE_ID = {m: i for i, m in enumerate(MODES)}
 LOG2E = 1.4426950408889634
 _REF_ROW_CHUNK = 512  # query rows per step of the reference: bounds its [rows, L] float32 scores
@@ -39,7 +48,7 @@ def _num_blocks(n: int, block: int) -> int:
 
 
 def _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, block_k,
-           check_lists=True) -> tuple[int, int]:
+           check_lists=True, temporal=None, grid=None) -> tuple[int, int]:
     """Rejects bad input with a message naming the problem; returns (NQB, NKB). Costs one host sync
     (list ranges and duplicates), because a bad index would read out of bounds on the GPU and a
     duplicate would silently count a block twice."""
@@ -72,6 +81,15 @@ def _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, b
                              f"got {key_padding.dtype} {tuple(key_padding.shape)}")
         if key_padding.device != q.device:
             raise ValueError(f"{name}: key_padding is on {key_padding.device}, q on {q.device}")
+    if temporal is not None:
+        if not isinstance(temporal, torch.Tensor) or temporal.dtype != torch.bool or tuple(temporal.shape) != (b, h):
+            raise ValueError(f"{name}: temporal must be bool [B, H] = [{b}, {h}], "
+                             f"got {getattr(temporal, 'dtype', type(temporal))} {tuple(getattr(temporal, 'shape', ()))}")
+        if temporal.device != q.device:
+            raise ValueError(f"{name}: temporal is on {temporal.device}, q on {q.device}")
+        if grid is None or len(grid) != 3 or math.prod(grid) != seq - txt_len:
+            raise ValueError(f"{name}: temporal heads need the latent grid (T, H, W) of the {seq - txt_len} video "
+                             f"tokens, got grid={grid!r}")
     if mode == "dense":
         return nqb, nkb
     if not isinstance(kv_blocks, torch.Tensor) or kv_blocks.dtype != torch.int32 or kv_blocks.dim() != 4 \
@@ -134,22 +152,32 @@ def row_mask(rows: torch.Tensor, seq: int, txt_len: int, blocks: torch.Tensor | 
             m = vid | is_txt_col | is_txt_row[:, None]
         else:
             m = ~vid & ~is_txt_col & ~is_txt_row[:, None]
-    if key_padding is not None:
-        m = m & key_padding[:, None, None, :]
+    if key_padding is not None:  # [B, L], or [B, H, L] (the reference's temporal heads)
+        m = m & (key_padding[:, None, None, :] if key_padding.dim() == 2 else key_padding[:, :, None, :])
     return m
 
 
-def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, txt_len, key_padding=None, sm_scale=None,
-                                     mode="sparse", block_q=128, block_k=64, return_lse=False, check_lists=True):
-    """Eager reference: the boolean mask built from the lists, float32 softmax attention, in chunks of
-    query rows so that it also checks GPU-sized inputs (a few thousand tokens)."""
-    nqb, nkb = _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, block_k, check_lists)
+def temporal_order(grid, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, inverse) of the video tokens for temporal heads: ``permuted = x[perm]``, ``x = permuted[inverse]``;
+    permuted position s * T + t holds token t * HW + s (what the kernel computes by index arithmetic)."""
+    t, hh, ww = grid
+    idx = torch.arange(t * hh * ww, device=device)
+    return idx.view(t, hh * ww).t().reshape(-1), idx.view(hh * ww, t).t().reshape(-1)
+
+
+def _permute_heads(x: torch.Tensor, temporal: torch.Tensor, order: torch.Tensor, txt_len: int) -> torch.Tensor:
+    """Video rows (dim 2 from ``txt_len``) of the temporal heads reordered by ``order``; others untouched."""
+    out = x.clone()
+    bi, hi = temporal.nonzero(as_tuple=True)
+    if bi.numel():
+        out[bi, hi, txt_len:] = x[bi, hi][:, txt_len + order]
+    return out
+
+
+def _attention_fp32(q, k, v, blocks, txt_len, pad, mode, scale, block_q, block_k):
+    """float32 (out, lse) of one mode from the boolean block mask, in chunks of query rows."""
     bsz, heads, seq, d = q.shape
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    blocks = None if mode == "dense" else block_mask(kv_blocks, kv_counts, nkb)
-    pad = key_padding if key_padding is not None else (
-        None if blocks is not None else torch.ones(bsz, seq, dtype=torch.bool, device=q.device))
-    out = torch.empty(bsz, heads, seq, d, dtype=q.dtype, device=q.device)
+    out = torch.empty(bsz, heads, seq, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(bsz, heads, seq, dtype=torch.float32, device=q.device)
     kf, vf = k.float(), v.float()
     for r0 in range(0, seq, _REF_ROW_CHUNK):
@@ -159,8 +187,45 @@ def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, txt_len, 
         s = s.masked_fill(~m, float("-inf"))
         row_lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - row_lse.clamp_min(torch.finfo(torch.float32).min)[..., None])  # empty rows: all 0
-        out[:, :, rows] = (p @ vf).to(q.dtype)
+        out[:, :, rows] = p @ vf
         lse[:, :, rows] = row_lse
+    return out, lse
+
+
+def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, txt_len, key_padding=None, sm_scale=None,
+                                     mode="sparse", block_q=128, block_k=64, return_lse=False, check_lists=True,
+                                     temporal=None, grid=None):
+    """Eager reference: the boolean mask built from the lists, float32 softmax attention, in chunks of
+    query rows so that it also checks GPU-sized inputs (a few thousand tokens). Temporal heads are
+    permuted into their layout and back (the kernel does it by index arithmetic instead)."""
+    nqb, nkb = _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, block_k, check_lists,
+                      temporal, grid)
+    d = q.shape[-1]
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    permuted = temporal is not None and mode != "dense" and bool(temporal.any())
+    if permuted:
+        perm, inverse = temporal_order(grid, q.device)
+        q, k, v = (_permute_heads(x, temporal, perm, txt_len) for x in (q, k, v))
+        if key_padding is not None:  # per batch; the temporal heads read it in their own layout
+            key_padding = _permute_heads(key_padding[:, None, :, None].expand(-1, q.shape[1], -1, 1), temporal,
+                                         perm, txt_len)[..., 0]
+    blocks = None if mode == "dense" else block_mask(kv_blocks, kv_counts, nkb)
+    pad = key_padding if key_padding is not None else (
+        None if blocks is not None else torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device))
+    pad_all = pad if pad is not None else torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+
+    def back(x):
+        return _permute_heads(x, temporal, inverse, txt_len) if permuted else x
+
+    if mode == "refresh":
+        o_s, _ = _attention_fp32(q, k, v, blocks, txt_len, pad, "sparse", scale, block_q, block_k)
+        o_d, lse = _attention_fp32(q, k, v, None, txt_len, pad_all, "dense", scale, block_q, block_k)
+        out, res = back(o_d).to(q.dtype), back(o_d - o_s)[:, :, txt_len:].contiguous()
+        lse = back(lse[..., None])[..., 0]
+        return (out, res, lse) if return_lse else (out, res)
+    out, lse = _attention_fp32(q, k, v, blocks, txt_len, pad_all if mode == "dense" else pad, mode, scale, block_q,
+                               block_k)
+    out, lse = back(out).to(q.dtype), back(lse[..., None])[..., 0]
     return (out, lse) if return_lse else out
 
 
@@ -192,27 +257,30 @@ def dense_and_residual(out_s, lse_s, out_c, lse_c):
 if HAS_TRITON:
 
     @triton.jit
-    def _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, key0, key_end, stride_kl, stride_vl, qk_scale,
-                BLOCK_K: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, HAS_PAD: tl.constexpr):
-        """One online-softmax step over keys key0 .. key0 + BLOCK_K (those >= key_end masked when MASK),
-        scores in the log2 domain (log2(e) folded into qk_scale)."""
-        keys = key0 + tl.arange(0, BLOCK_K)
-        cols = tl.arange(0, D)
-        if MASK:
-            kmask = keys < key_end
-            k = tl.load(k_base + keys[:, None] * stride_kl + cols[None, :], mask=kmask[:, None], other=0.0)
-            v = tl.load(v_base + keys[:, None] * stride_vl + cols[None, :], mask=kmask[:, None], other=0.0)
+    def _video_tokens(pos, tflag, T, HW, HAS_TEMPORAL: tl.constexpr):
+        """Row of video position ``pos`` of the kernel's layout: itself, or for a temporal head the token
+        at permuted position pos = s * T + t, i.e. t * HW + s."""
+        if HAS_TEMPORAL:
+            return tl.where(tflag, (pos % T) * HW + pos // T, pos)
         else:
-            k = tl.load(k_base + keys[:, None] * stride_kl + cols[None, :])
-            v = tl.load(v_base + keys[:, None] * stride_vl + cols[None, :])
+            return pos
+
+    @triton.jit
+    def _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, toks, ok, stride_kl, stride_vl, qk_scale,
+                D: tl.constexpr, MASK: tl.constexpr, HAS_PAD: tl.constexpr):
+        """One online-softmax step over the keys at rows ``toks`` (always in bounds: loads are unmasked),
+        those with ``ok`` False masked out when MASK; scores in the log2 domain (log2(e) in qk_scale)."""
+        cols = tl.arange(0, D)
+        k = tl.load(k_base + toks[:, None] * stride_kl + cols[None, :])
+        v = tl.load(v_base + toks[:, None] * stride_vl + cols[None, :])
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if HAS_PAD:
-            ok = tl.load(pad_base + keys, mask=keys < key_end, other=0) != 0
+            keep = tl.load(pad_base + toks) != 0
             if MASK:
-                ok = ok & kmask
-            s = tl.where(ok[None, :], s, float("-inf"))
+                keep = keep & ok
+            s = tl.where(keep[None, :], s, float("-inf"))
         elif MASK:
-            s = tl.where(kmask[None, :], s, float("-inf"))
+            s = tl.where(ok[None, :], s, float("-inf"))
         # m_i starts at a finite floor, so a block whose scores are all -inf gives p = 0, alpha = 1.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -222,46 +290,66 @@ if HAS_TRITON:
         return acc, m_new, l_i
 
     @triton.jit
-    def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, blk_ptr, cnt_ptr, pad_ptr,
+    def _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img, tflag, T, HW, stride_kl,
+                      stride_vl, qk_scale, BLOCK_K: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr,
+                      HAS_PAD: tl.constexpr, HAS_TEMPORAL: tl.constexpr):
+        """Video key block ``j`` of the kernel's layout; the ragged last block is clamped and masked."""
+        pos = j * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = pos < L_img
+        toks = txt_len + _video_tokens(tl.minimum(pos, L_img - 1), tflag, T, HW, HAS_TEMPORAL)
+        return _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, toks, ok, stride_kl, stride_vl, qk_scale,
+                       D, MASK, HAS_PAD)
+
+    @triton.jit
+    def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, res_ptr, blk_ptr, cnt_ptr, pad_ptr, tmp_ptr,
                             sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                            B, H, L, txt_len, n_txt_blocks, NQB, NKB, MAXK, qk_scale,
+                            B, H, L, txt_len, n_txt_blocks, NQB, NKB, MAXK, T, HW, qk_scale,
                             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
                             MODE: tl.constexpr, HAS_PAD: tl.constexpr, MASK_VID: tl.constexpr,
-                            STORE_LSE: tl.constexpr):
+                            STORE_LSE: tl.constexpr, HAS_TEMPORAL: tl.constexpr):
         # Programs 0 .. B*H*n_txt_blocks - 1 are text query blocks (dense over all keys, the longest
         # programs, started first); then the video query blocks, query block fastest, so that the
         # programs of one head run together and share its K/V in L2. MODE: 0 sparse, 1 dense,
-        # 2 complement (the launcher passes the complement lists; no text keys, text rows empty).
+        # 2 complement (the launcher passes the complement lists; no text keys, text rows empty),
+        # 3 refresh (sorted lists; sparse output kept in res, then the gaps; res = dense - sparse).
         pid = tl.program_id(0)
         n_txt_prog = n_txt_blocks * H * B
         is_txt = pid < n_txt_prog
+        L_img = L - txt_len
         if is_txt:
             qb = pid % n_txt_blocks
             bh = pid // n_txt_blocks
-            row0 = qb * BLOCK_Q
-            row_end = txt_len
         else:
             qb = (pid - n_txt_prog) % NQB
             bh = (pid - n_txt_prog) // NQB
-            row0 = txt_len + qb * BLOCK_Q
-            row_end = L
         b = bh // H
         h = bh % H
+        # Text programs and dense mode attend every key: the order of keys is irrelevant there.
+        tflag = False
+        if HAS_TEMPORAL:
+            if MODE != 1:
+                tflag = (tl.load(tmp_ptr + bh) != 0) & (pid >= n_txt_prog)
         q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
         v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh
         pad_base = pad_ptr + b.to(tl.int64) * L
-        rows = row0 + tl.arange(0, BLOCK_Q)
         cols = tl.arange(0, D)
-        row_ok = rows < row_end
+        if is_txt:
+            rows = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            row_ok = rows < txt_len
+        else:
+            pos = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            row_ok = pos < L_img
+            rows = txt_len + _video_tokens(pos, tflag, T, HW, HAS_TEMPORAL)
         q = tl.load(q_base + rows[:, None] * sql + cols[None, :], mask=row_ok[:, None], other=0.0)
         m_i = tl.full([BLOCK_Q], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_Q], tl.float32)
         acc = tl.zeros([BLOCK_Q, D], tl.float32)
         if MODE != 2:
             for key0 in range(0, txt_len, BLOCK_K):
-                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, key0, txt_len, skl, svl,
-                                        qk_scale, BLOCK_K, D, True, HAS_PAD)
+                keys = key0 + tl.arange(0, BLOCK_K)
+                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, tl.minimum(keys, txt_len - 1),
+                                        keys < txt_len, skl, svl, qk_scale, D, True, HAS_PAD)
         # Two loops, each empty for the other kind of program, so neither has a branch inside: every
         # key block for text rows (and in dense mode), the listed blocks for video rows otherwise.
         if MODE == 1:
@@ -271,19 +359,42 @@ if HAS_TRITON:
         else:
             n_all = tl.where(is_txt, NKB, 0)
         for j in range(0, n_all):
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, txt_len + j * BLOCK_K, L, skl, svl,
-                                    qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD)
+            acc, m_i, l_i = _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img, False, T,
+                                          HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD, False)
+        list_base = blk_ptr + (bh.to(tl.int64) * NQB + qb) * MAXK
+        n_list = 0
         if MODE != 1:
-            list_base = blk_ptr + (bh.to(tl.int64) * NQB + qb) * MAXK
             n_list = tl.load(cnt_ptr + bh * NQB + qb, mask=pid >= n_txt_prog, other=0)
             for i in range(0, n_list):
                 j = tl.load(list_base + i).to(tl.int32)
-                acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, txt_len + j * BLOCK_K, L,
-                                        skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD)
+                acc, m_i, l_i = _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img, tflag,
+                                              T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD, HAS_TEMPORAL)
+        is_vid = pid >= n_txt_prog
+        res_ptrs = res_ptr + (bh.to(tl.int64) * L_img + (rows - txt_len))[:, None] * D + cols[None, :]
+        if MODE == 3:
+            # Keep the sparse output (float32, in res), then run the gaps between the sorted list entries:
+            # the same running max and sums continue, so the end state is dense attention.
+            if is_vid:
+                o_s = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+                tl.store(res_ptrs, o_s, mask=row_ok[:, None])
+            prev = n_list * 0 - 1
+            n_gaps = tl.where(is_vid, n_list + 1, 0)
+            for i in range(0, n_gaps):
+                nxt = tl.load(list_base + i, mask=i < n_list, other=NKB).to(tl.int32)
+                for j in range(prev + 1, nxt):
+                    acc, m_i, l_i = _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img,
+                                                  tflag, T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD,
+                                                  HAS_TEMPORAL)
+                prev = nxt
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         o_base = o_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh
         tl.store(o_base + rows[:, None] * sol + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if MODE == 3:
+            if is_vid:
+                tl.debug_barrier()  # the sparse output stored above, visible to the whole program
+                o_s = tl.load(res_ptrs, mask=row_ok[:, None], other=0.0)
+                tl.store(res_ptrs, out - o_s, mask=row_ok[:, None])
         if STORE_LSE:
             lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))  # ln 2: natural log
             tl.store(lse_ptr + bh.to(tl.int64) * L + rows, lse, mask=row_ok)
@@ -314,42 +425,59 @@ def default_config(interp: bool | None = None) -> dict:
 
 
 def _launch(q, k, v, out, lse, blocks, counts, maxk, txt_len, key_padding, sm_scale, mode, block_q, block_k,
-            nqb, nkb, config) -> None:
-    """Runs the kernel into the given out / lse buffers (tests poison them to see every element written)."""
+            nqb, nkb, config, res=None, temporal=None, grid=None) -> None:
+    """Runs the kernel into the given out / lse / res buffers (tests poison them to see every element written)."""
     bsz, heads, seq, d = q.shape
     n_txt = _num_blocks(txt_len, block_q)
-    grid = ((n_txt + nqb) * heads * bsz,)
+    launch_grid = ((n_txt + nqb) * heads * bsz,)
     cfg = dict(default_config())
     cfg.update(config or {})
     pad = key_padding.contiguous().view(torch.uint8) if key_padding is not None else q
     dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
-    _sparse_attn_kernel[grid](
-        q, k, v, out, lse if lse is not None else out,
+    has_temporal = temporal is not None and mode != "dense"
+    t_frames, hw = (grid[0], grid[1] * grid[2]) if has_temporal else (1, 1)
+    _sparse_attn_kernel[launch_grid](
+        q, k, v, out, lse if lse is not None else out, res if res is not None else out,
         blocks if blocks is not None else dummy, counts if counts is not None else dummy, pad,
+        temporal.contiguous().view(torch.uint8) if has_temporal else dummy,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        bsz, heads, seq, txt_len, n_txt, nqb, nkb, maxk, sm_scale * LOG2E,
+        bsz, heads, seq, txt_len, n_txt, nqb, nkb, maxk, t_frames, hw, sm_scale * LOG2E,
         BLOCK_Q=block_q, BLOCK_K=block_k, D=d, MODE=_MODE_ID[mode], HAS_PAD=key_padding is not None,
-        MASK_VID=key_padding is not None or (seq - txt_len) % block_k != 0, STORE_LSE=lse is not None, **cfg)
+        MASK_VID=(seq - txt_len) % block_k != 0, STORE_LSE=lse is not None, HAS_TEMPORAL=has_temporal, **cfg)
+
+
+def sorted_lists(kv_blocks: torch.Tensor, kv_counts: torch.Tensor, nkb: int) -> torch.Tensor:
+    """The lists in ascending order with every entry past the count set to NKB (refresh mode walks the
+    gaps between consecutive entries)."""
+    valid = torch.arange(kv_blocks.shape[-1], device=kv_blocks.device) < kv_counts[..., None]
+    return torch.where(valid, kv_blocks, nkb).sort(dim=-1).values.to(torch.int32).contiguous()
 
 
 def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, txt_len, key_padding=None, sm_scale=None,
                                   mode="sparse", block_q=128, block_k=64, return_lse=False, check_lists=True,
-                                  config=None):
+                                  temporal=None, grid=None, config=None):
     """Triton kernel, same contract as :func:`block_sparse_attention_reference`; ``config`` overrides
     the launch parameters (num_warps, num_stages) for sweeps."""
-    nqb, nkb = _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, block_k, check_lists)
+    nqb, nkb = _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, block_k, check_lists,
+                      temporal, grid)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bsz, heads, seq, d = q.shape
     out = torch.empty(bsz, heads, seq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, heads, seq, dtype=torch.float32, device=q.device) if return_lse else None
+    res = torch.empty(bsz, heads, seq - txt_len, d, dtype=torch.float32, device=q.device) if mode == "refresh" else None
     blocks = counts = None
     maxk = 0
     if mode == "sparse":
         blocks, counts, maxk = kv_blocks.contiguous(), kv_counts.contiguous(), kv_blocks.shape[3]
+    elif mode == "refresh":
+        blocks, counts, maxk = sorted_lists(kv_blocks, kv_counts, nkb), kv_counts.contiguous(), kv_blocks.shape[3]
     elif mode == "complement":
         blocks, counts = complement_lists(kv_blocks, kv_counts, nkb)
         maxk = nkb
     if out.numel():
         _launch(q, k, v, out, lse, blocks, counts, maxk, txt_len, key_padding,
-                sm_scale if sm_scale is not None else 1.0 / math.sqrt(d), mode, block_q, block_k, nqb, nkb, config)
+                sm_scale if sm_scale is not None else 1.0 / math.sqrt(d), mode, block_q, block_k, nqb, nkb, config,
+                res, temporal, grid)
+    if mode == "refresh":
+        return (out, res, lse) if return_lse else (out, res)
     return (out, lse) if return_lse else out

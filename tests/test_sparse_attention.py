@@ -19,7 +19,7 @@ from comfyui_quantsparse.kernels import block_sparse_attention, merge_attention
 from comfyui_quantsparse.kernels._triton import HAS_TRITON
 from comfyui_quantsparse.kernels.sparse_attention import (
     _launch, block_sparse_attention_reference, block_sparse_attention_triton, complement_lists, complement_weight,
-    dense_and_residual,
+    dense_and_residual, temporal_order,
 )
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
@@ -122,6 +122,69 @@ def test_sparse_plus_complement_is_dense(kernel_device, txt, l_img):
     close(resid, dense32 - o_s.float(), dtype)  # the residual is as exact as the merged dense output
     w = complement_weight(l_c, l_d)
     assert bool((w[:, :, :txt] == 0).all()) and (w >= 0).all() and (w <= 1 + 1e-6).all()
+
+
+def _temporal_case(device, dtype, seed, grid=(3, 4, 5), txt=7, b=2, h=3):
+    q, k, v = make_qkv(b, h, txt, math.prod(grid), dtype, device, seed)
+    temporal = torch.tensor([[True, False, True], [False, True, True]][:b], device=device)[:, :h]
+    return q, k, v, temporal, grid, txt
+
+
+@pytest.mark.parametrize("mode", ["sparse", "complement", "refresh"])
+def test_temporal_heads_by_index_arithmetic(kernel_device, mode):
+    """Temporal heads' lists address the frame-major layout: the kernel (index arithmetic, no copies)
+    equals permuting q, k, v of those heads, running the plain kernel, and permuting the output back."""
+    dtype = kernel_dtype(kernel_device)
+    q, k, v, temporal, grid, txt = _temporal_case(kernel_device, dtype, seed=21)
+    bq, bk = 16, 16
+    blocks, counts = random_lists(2, 3, math.prod(grid), bq, bk, 0.4, kernel_device, seed=22)
+    kw = dict(txt_len=txt, block_q=bq, block_k=bk, mode=mode, return_lse=True)
+    got = block_sparse_attention_triton(q, k, v, blocks, counts, temporal=temporal, grid=grid, **kw)
+    ref = block_sparse_attention_reference(q, k, v, blocks, counts, temporal=temporal, grid=grid, **kw)
+    perm, inverse = temporal_order(grid, q.device)
+
+    def permute(x, order):
+        out = x.clone()
+        for bi, hi in temporal.nonzero().tolist():
+            out[bi, hi, txt:] = x[bi, hi, txt + order]
+        return out
+    plain = block_sparse_attention_reference(*(permute(x, perm) for x in (q, k, v)), blocks, counts, **kw)
+    if mode == "refresh":
+        (out, res, lse), (r_out, r_res, r_lse) = got, ref
+        p_out, p_res = permute(plain[0].float(), inverse), permute(torch.cat([plain[0][:, :, :txt].float() * 0,
+                                                                               plain[1]], 2), inverse)[:, :, txt:]
+        assert float((res - r_res).abs().max()) < (4e-3 if dtype == torch.float16 else 3e-2)
+        assert float((r_res - p_res).abs().max()) < 1e-5
+    else:
+        (out, lse), (r_out, r_lse) = got, ref
+        p_out = permute(plain[0].float(), inverse)
+    close(out, r_out, dtype)
+    check_lse(lse, r_lse)
+    assert float((r_out.float() - p_out).abs().max()) < 1e-2
+    assert not torch.equal(out, block_sparse_attention_triton(q, k, v, blocks, counts, **kw)[0])  # layouts differ
+
+
+@pytest.mark.parametrize("txt,l_img", CASES)
+def test_refresh_is_dense_and_residual_in_one_pass(kernel_device, txt, l_img):
+    """Refresh mode returns the dense output and the float32 dense - sparse residual of the video rows,
+    from unsorted lists with garbage past the counts, and with a padding mask."""
+    dtype = kernel_dtype(kernel_device)
+    bq, bk = 32, 16
+    q, k, v = make_qkv(2, 2, txt, l_img, dtype, kernel_device, seed=23)
+    blocks, counts = random_lists(2, 2, l_img, bq, bk, 0.3, kernel_device, seed=24)
+    pad = torch.ones(2, txt + l_img, dtype=torch.bool, device=kernel_device)
+    pad[1, : txt // 2] = False
+    kw = dict(txt_len=txt, key_padding=pad, block_q=bq, block_k=bk)
+    out, res, lse = block_sparse_attention_triton(q, k, v, blocks, counts, mode="refresh", return_lse=True, **kw)
+    assert res.dtype == torch.float32 and res.shape == (2, 2, l_img, 128)
+    dense, d_lse = block_sparse_attention_reference(q, k, v, blocks, counts, mode="dense", return_lse=True, **kw)
+    sparse = block_sparse_attention_reference(q, k, v, blocks, counts, mode="sparse", **kw)
+    close(out, dense, dtype)
+    check_lse(lse, d_lse)
+    r_out, r_res = block_sparse_attention_reference(q, k, v, blocks, counts, mode="refresh", **kw)
+    assert float((res - r_res).abs().max()) < (4e-3 if dtype == torch.float16 else 3e-2)
+    # the residual is dense - sparse (up to the two outputs' own rounding)
+    assert float((r_res - (dense.float() - sparse.float())[:, :, txt:]).abs().max()) < 2e-3
 
 
 def test_merge_attention_is_exact_in_float32():
@@ -231,6 +294,12 @@ def test_poisoned_buffers_fully_written(kernel_device):
         ref = block_sparse_attention_reference(q, k, v, blocks, counts, txt_len=txt, mode=mode, block_q=bq,
                                                block_k=bk)
         close(out, ref, dtype)
+    from comfyui_quantsparse.kernels.sparse_attention import sorted_lists
+    out = torch.full_like(q, float("nan"))
+    res = torch.full((1, 2, l_img, 128), float("nan"), device=q.device)
+    _launch(q, k, v, out, None, sorted_lists(blocks, counts, nkb), counts, blocks.shape[3], txt, None,
+            1 / math.sqrt(128), "refresh", bq, bk, nqb, nkb, None, res)
+    assert not torch.isnan(out).any() and not torch.isnan(res).any()
 
 
 def test_complement_lists():
@@ -327,6 +396,21 @@ def test_gpu_sparse_plus_complement_is_dense():
     close(merged, o_d, torch.bfloat16)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, None, :])
     close(o_d, sdpa, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_refresh_and_temporal_match_reference():
+    q, k, v, blocks, counts, txt, pad = _gpu_case(seed=4, l_img=5 * 16 * 24, txt=200)
+    grid = (5, 16, 24)
+    temporal = torch.tensor([[True, False, True], [False, True, False]], device="cuda")
+    kw = dict(txt_len=txt, key_padding=pad, temporal=temporal, grid=grid)
+    for mode in ("sparse", "refresh"):
+        got = block_sparse_attention_triton(q, k, v, blocks, counts, mode=mode, return_lse=True, **kw)
+        ref = block_sparse_attention_reference(q, k, v, blocks, counts, mode=mode, return_lse=True, **kw)
+        close(got[0], ref[0], torch.bfloat16)
+        check_lse(got[-1], ref[-1])
+        if mode == "refresh":
+            assert float((got[1] - ref[1]).abs().max()) < 3e-2
 
 
 @pytest.mark.gpu
