@@ -65,8 +65,18 @@ class Workflow:
                 "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
+# The QuantSparse Sampler's knobs in the workflow: SparseConfig's defaults (the paper's HunyuanVideo
+# recipe: 15% density, a quarter of the steps dense, SSAR second order refreshed every 5 steps, rank 16),
+# in the node's widget order.
+SPARSE_KNOBS = [0.15, "svg", 0.25, 5, 16, 2, 128, 64]
+
+
 def text_to_video(ckpt: str = "hunyuan_video_t2v_720p_w4a8.safetensors") -> Workflow:
-    """A QuantSparse checkpoint sampled by ComfyUI's stock HunyuanVideo nodes (848x480, 73 frames)."""
+    """A QuantSparse checkpoint sampled by the QuantSparse Sampler (848x480, 73 frames, 20 steps).
+
+    HunyuanVideo T2V is guidance-distilled: the guidance goes in through FluxGuidance and cfg is 1.0, so
+    ComfyUI runs no uncond pass; the zeroed negative only fills the sampler's KSampler-style input.
+    """
     w = Workflow()
     model = w.node("QuantSparseLoader", (0, 0), [ckpt], outputs=[("MODEL", "MODEL")], title="Load QuantSparse Model")
     clip = w.node("DualCLIPLoader", (0, 180), ["clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors",
@@ -76,32 +86,26 @@ def text_to_video(ckpt: str = "hunyuan_video_t2v_720p_w4a8.safetensors") -> Work
                   inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")])
     guidance = w.node("FluxGuidance", (720, 180), [6.0], inputs=[("conditioning", "CONDITIONING")],
                       outputs=[("CONDITIONING", "CONDITIONING")])
+    negative = w.node("ConditioningZeroOut", (720, 300), inputs=[("conditioning", "CONDITIONING")],
+                      outputs=[("CONDITIONING", "CONDITIONING")])
     shift = w.node("ModelSamplingSD3", (360, 0), [7.0], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")])
-    guider = w.node("BasicGuider", (1080, 0), inputs=[("model", "MODEL"), ("conditioning", "CONDITIONING")],
-                    outputs=[("GUIDER", "GUIDER")])
-    noise = w.node("RandomNoise", (1080, 160), [42, "fixed"], outputs=[("NOISE", "NOISE")])
-    sampler = w.node("KSamplerSelect", (1080, 300), ["euler"], outputs=[("SAMPLER", "SAMPLER")])
-    sigmas = w.node("BasicScheduler", (1080, 420), ["simple", 20, 1.0], inputs=[("model", "MODEL")],
-                    outputs=[("SIGMAS", "SIGMAS")])
     latent = w.node("EmptyHunyuanLatentVideo", (720, 420), [848, 480, 73, 1], outputs=[("LATENT", "LATENT")])
-    sample = w.node("SamplerCustomAdvanced", (1440, 0),
-                    inputs=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
+    # seed (+ its control_after_generate widget), steps, cfg, sampler_name, scheduler, denoise, then the knobs
+    sample = w.node("QuantSparseSampler", (1080, 0), [42, "fixed", 20, 1.0, "euler", "simple", 1.0] + SPARSE_KNOBS,
+                    inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                             ("latent_image", "LATENT")],
-                    outputs=[("output", "LATENT"), ("denoised_output", "LATENT")])
-    decode = w.node("VAEDecodeTiled", (1800, 0), [256, 64, 64, 8], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+                    outputs=[("LATENT", "LATENT")], title="QuantSparse Sampler")
+    decode = w.node("VAEDecodeTiled", (1440, 0), [256, 64, 64, 8], inputs=[("samples", "LATENT"), ("vae", "VAE")],
                     outputs=[("IMAGE", "IMAGE")])
-    video = w.node("CreateVideo", (2160, 0), [24.0, 8], inputs=[("images", "IMAGE")], outputs=[("VIDEO", "VIDEO")])
-    save = w.node("SaveVideo", (2520, 0), ["video/QuantSparse", "auto", "auto"], inputs=[("video", "VIDEO")])
+    video = w.node("CreateVideo", (1800, 0), [24.0, 8], inputs=[("images", "IMAGE")], outputs=[("VIDEO", "VIDEO")])
+    save = w.node("SaveVideo", (2160, 0), ["video/QuantSparse", "auto", "auto"], inputs=[("video", "VIDEO")])
     w.link(model, 0, shift, "model")
     w.link(clip, 0, text, "clip")
     w.link(text, 0, guidance, "conditioning")
-    w.link(shift, 0, guider, "model")
-    w.link(guidance, 0, guider, "conditioning")
-    w.link(shift, 0, sigmas, "model")
-    w.link(noise, 0, sample, "noise")
-    w.link(guider, 0, sample, "guider")
-    w.link(sampler, 0, sample, "sampler")
-    w.link(sigmas, 0, sample, "sigmas")
+    w.link(text, 0, negative, "conditioning")
+    w.link(shift, 0, sample, "model")
+    w.link(guidance, 0, sample, "positive")
+    w.link(negative, 0, sample, "negative")
     w.link(latent, 0, sample, "latent_image")
     w.link(sample, 0, decode, "samples")
     w.link(vae, 0, decode, "vae")
