@@ -19,9 +19,9 @@ from bench_attention import random_mask  # noqa: E402
 
 from comfyui_quantsparse.kernels.sparse_attention import block_sparse_attention_triton  # noqa: E402
 
-# (block_q, block_k, num_warps, num_stages)
-CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
-           (128, 32, 8, 4), (64, 64, 8, 3)]
+# (block_q, block_k, num_warps, num_stages, K/V through TMA descriptors)
+CONFIGS = [(128, 64, 8, 3, False), (128, 64, 8, 3, True), (128, 64, 8, 2, True), (128, 64, 8, 4, True),
+           (128, 128, 8, 2, True), (128, 128, 8, 3, True), (64, 64, 4, 3, True), (128, 64, 4, 3, True)]
 
 
 def main():
@@ -38,8 +38,8 @@ def main():
         ref = F.scaled_dot_product_attention(q, k, v)
     rows = []
     print(f"cuDNN dense {cudnn_ms:.1f} ms", flush=True)
-    for bq, bk, warps, stages in CONFIGS:
-        cfg = dict(num_warps=warps, num_stages=stages)
+    for bq, bk, warps, stages, desc in CONFIGS:
+        cfg = dict(num_warps=warps, num_stages=stages, use_desc=desc)
         try:
             blocks, counts = random_mask(q, k, 0.15, txt, bq, bk, gen)
             dense = lambda: block_sparse_attention_triton(q, k, v, None, None, txt_len=txt, mode="dense",  # noqa: E731
@@ -49,9 +49,9 @@ def main():
             sparse_ms = bench_ms(lambda: block_sparse_attention_triton(
                 q, k, v, blocks, counts, txt_len=txt, mode="sparse", block_q=bq, block_k=bk, config=cfg), 300)
         except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
-            print(f"{(bq, bk, warps, stages)}: {str(e).splitlines()[0][:100]}", flush=True)
+            print(f"{(bq, bk, warps, stages, desc)}: {str(e).splitlines()[0][:100]}", flush=True)
             continue
-        row = {"block_q": bq, "block_k": bk, "num_warps": warps, "num_stages": stages, "dense_ms": dense_ms,
+        row = {"block_q": bq, "block_k": bk, "num_warps": warps, "num_stages": stages, "tma": desc, "dense_ms": dense_ms,
                "sparse15_ms": sparse_ms, "dense_vs_cudnn": dense_ms / cudnn_ms, "sparse15_speedup": cudnn_ms / sparse_ms,
                "dense_rel_err": err}
         rows.append(row)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the benchmarks; everything lands in $OUT.
-# Usage on the device machine: bash benchmarks/run_h100.sh [tests] [linear] [sweep] [sweep-act] [gluon] [attention] [attention-sweep] [comfyui]
+# Usage on the device machine: bash benchmarks/run_h100.sh [tests] [linear] [sweep] [sweep-act] [gluon] [attention] [attention-sweep] [ssar] [comfyui]
 # comfyui: the in-process ComfyUI tests on CUDA; needs a ComfyUI checkout carried as .comfyui and
 # wheels of what the device image lacks (comfy-kitchen, comfy-aimdo, einops, psutil, pyyaml) in .whl;
 # PyAV, imported by ComfyUI's V3 API for video I/O only, may be stubbed in .comfyui/_stubs.
@@ -13,12 +13,13 @@ mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/comfyui_quantsparse && export PYTHO
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 for what in "$@"; do
   case "$what" in
-    tests) python3 -m pytest -q -m "gpu or not comfyui" tests/test_kernels.py tests/test_gluon_kernels.py tests/test_sparse_attention.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" ;;
+    tests) python3 -m pytest -q -m "gpu or not comfyui" tests/test_kernels.py tests/test_gluon_kernels.py tests/test_sparse_attention.py tests/test_svg_probe.py tests/test_masks.py tests/test_attention_override.py tests/test_ssar.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" ;;
     linear) python3 benchmarks/bench_linear.py --out "$OUT/linear_h100.json" 2>&1 | tee "$OUT/linear.log" ;;
     sweep) python3 benchmarks/bench_linear.py --sweep all --tokens --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
     sweep-act) python3 benchmarks/bench_linear.py --sweep act --tokens --out "$OUT/sweep_act.json" 2>&1 | tee "$OUT/sweep_act.log" ;;
     comfyui) PYTHONPATH="$PWD/.comfyui/_stubs:$PYTHONPATH" COMFYUI_DIR="$PWD/.comfyui" python3 -m pytest -q -m comfyui tests/comfyui/test_comfyui_inprocess.py tests/test_hunyuan_vs_comfyui.py -p no:cacheprovider -rs 2>&1 | tee "$OUT/comfyui.log" ;;
     attention-sweep) python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" 2>&1 | tee "$OUT/attention_sweep.log" ;;
+    ssar) python3 benchmarks/ssar_cache.py --out "$OUT/ssar_cache.json" 2>&1 | tee "$OUT/ssar.log" ;;
     attention) python3 benchmarks/bench_attention.py --out "$OUT/attention_h100.json" 2>&1 | tee "$OUT/attention.log" ;;
     gluon) python3 benchmarks/gluon_check.py --out "$OUT/gluon.json" 2>&1 | tee "$OUT/gluon.log" ;;
   esac

@@ -18,6 +18,7 @@ from .act_quant import act_quant_reference, act_quant_triton
 from .hadamard import block_hadamard, hadamard_matrix
 from .int4 import PACK_TILE, pack_int4, unpack_int4
 from .sparse_attention import block_sparse_attention_reference, block_sparse_attention_triton, merge_attention
+from .svg_probe import svg_probe_reference, svg_probe_triton
 from .w4a8 import w4a8_gemm_reference, w4a8_gemm_triton
 from .w4a16 import w4a16_gemm_reference, w4a16_gemm_triton
 from .w8a8 import w8a8_gemm_reference, w8a8_gemm_triton
@@ -32,6 +33,7 @@ __all__ = [
     "act_quant_reference", "act_quant_triton", "w8a8_gemm_reference", "w8a8_gemm_triton",
     "w4a8_gemm_reference", "w4a8_gemm_triton", "w4a16_gemm_reference", "w4a16_gemm_triton",
     "block_sparse_attention", "block_sparse_attention_reference", "block_sparse_attention_triton", "merge_attention",
+    "svg_probe", "svg_probe_reference", "svg_probe_triton",
 ]
 
 
@@ -92,3 +94,11 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, txt_len, key_paddin
     return fn(q, k, v, kv_blocks, kv_counts, txt_len=txt_len, key_padding=key_padding, sm_scale=sm_scale,
               mode=mode, block_q=block_q, block_k=block_k, return_lse=return_lse, check_lists=check_lists,
               temporal=temporal, grid=grid)
+
+
+def svg_probe(q, k, v, rows, lo_spatial, lo_temporal, *, txt_len, grid, band_block, keep, key_padding=None,
+              sm_scale=None):
+    n = rows.numel()
+    fn = svg_probe_triton if use_triton(q) and n >= 16 and not n & (n - 1) else svg_probe_reference
+    return fn(q, k, v, rows, lo_spatial, lo_temporal, txt_len=txt_len, grid=grid, band_block=band_block, keep=keep,
+              key_padding=key_padding, sm_scale=sm_scale)

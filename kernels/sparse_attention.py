@@ -36,6 +36,11 @@ import torch
 
 from ._triton import HAS_TRITON, interpreting, tl, triton
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older Triton, or none
+    TensorDescriptor = None
+
 HEAD_DIM = 128
 MODES = ("sparse", "dense", "complement", "refresh")
 _MODE_ID = {m: i for i, m in enumerate(MODES)}
@@ -266,21 +271,12 @@ if HAS_TRITON:
             return pos
 
     @triton.jit
-    def _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, toks, ok, stride_kl, stride_vl, qk_scale,
-                D: tl.constexpr, MASK: tl.constexpr, HAS_PAD: tl.constexpr):
-        """One online-softmax step over the keys at rows ``toks`` (always in bounds: loads are unmasked),
-        those with ``ok`` False masked out when MASK; scores in the log2 domain (log2(e) in qk_scale)."""
-        cols = tl.arange(0, D)
-        k = tl.load(k_base + toks[:, None] * stride_kl + cols[None, :])
-        v = tl.load(v_base + toks[:, None] * stride_vl + cols[None, :])
+    def _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, MASK: tl.constexpr):
+        """One online-softmax step over a [BLOCK_K, D] tile of keys and values; ``keep`` (when MASK)
+        masks keys out; scores in the log2 domain (log2(e) in qk_scale)."""
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        if HAS_PAD:
-            keep = tl.load(pad_base + toks) != 0
-            if MASK:
-                keep = keep & ok
+        if MASK:
             s = tl.where(keep[None, :], s, float("-inf"))
-        elif MASK:
-            s = tl.where(ok[None, :], s, float("-inf"))
         # m_i starts at a finite floor, so a block whose scores are all -inf gives p = 0, alpha = 1.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -288,6 +284,40 @@ if HAS_TRITON:
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return acc, m_new, l_i
+
+    @triton.jit
+    def _keep(pad_base, toks, ok, MASK: tl.constexpr, HAS_PAD: tl.constexpr):
+        if HAS_PAD:
+            keep = tl.load(pad_base + toks) != 0
+            if MASK:
+                keep = keep & ok
+        else:
+            keep = ok
+        return keep
+
+    @triton.jit
+    def _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, toks, ok, stride_kl, stride_vl, qk_scale,
+                D: tl.constexpr, MASK: tl.constexpr, HAS_PAD: tl.constexpr):
+        """Keys at rows ``toks`` (always in bounds: loads are unmasked), those with ``ok`` False masked
+        out when MASK."""
+        cols = tl.arange(0, D)
+        k = tl.load(k_base + toks[:, None] * stride_kl + cols[None, :])
+        v = tl.load(v_base + toks[:, None] * stride_vl + cols[None, :])
+        keep = _keep(pad_base, toks, ok, MASK, HAS_PAD)
+        return _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, MASK or HAS_PAD)
+
+    @triton.jit
+    def _attend_video_desc(acc, m_i, l_i, q, k_desc, v_desc, pad_base, b, h, j, txt_len, L_img, qk_scale,
+                           BLOCK_K: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, HAS_PAD: tl.constexpr):
+        """Video key block ``j`` in (t, h, w) order through TMA descriptors (Hopper): contiguous tokens
+        of one head, loaded asynchronously; rows past the sequence come back as zeros and are masked."""
+        tok0 = txt_len + j * BLOCK_K
+        k = k_desc.load([b, h, tok0, 0]).reshape(BLOCK_K, D)
+        v = v_desc.load([b, h, tok0, 0]).reshape(BLOCK_K, D)
+        pos = j * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = pos < L_img
+        keep = _keep(pad_base, txt_len + tl.minimum(pos, L_img - 1), ok, MASK, HAS_PAD)
+        return _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, MASK or HAS_PAD)
 
     @triton.jit
     def _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img, tflag, T, HW, stride_kl,
@@ -302,11 +332,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, res_ptr, blk_ptr, cnt_ptr, pad_ptr, tmp_ptr,
-                            sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+                            k_desc, v_desc, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                             B, H, L, txt_len, n_txt_blocks, NQB, NKB, MAXK, T, HW, qk_scale,
                             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
                             MODE: tl.constexpr, HAS_PAD: tl.constexpr, MASK_VID: tl.constexpr,
-                            STORE_LSE: tl.constexpr, HAS_TEMPORAL: tl.constexpr):
+                            STORE_LSE: tl.constexpr, HAS_TEMPORAL: tl.constexpr, USE_DESC: tl.constexpr):
         # Programs 0 .. B*H*n_txt_blocks - 1 are text query blocks (dense over all keys, the longest
         # programs, started first); then the video query blocks, query block fastest, so that the
         # programs of one head run together and share its K/V in L2. MODE: 0 sparse, 1 dense,
@@ -358,14 +388,28 @@ if HAS_TRITON:
             n_all = 0
         else:
             n_all = tl.where(is_txt, NKB, 0)
-        for j in range(0, n_all):
-            acc, m_i, l_i = _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img, False, T,
-                                          HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD, False)
+        if USE_DESC:
+            for j in range(0, n_all):
+                acc, m_i, l_i = _attend_video_desc(acc, m_i, l_i, q, k_desc, v_desc, pad_base, b, h, j, txt_len, L_img,
+                                                   qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD)
+        else:
+            for j in range(0, n_all):
+                acc, m_i, l_i = _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img, False,
+                                              T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD, False)
         list_base = blk_ptr + (bh.to(tl.int64) * NQB + qb) * MAXK
         n_list = 0
         if MODE != 1:
             n_list = tl.load(cnt_ptr + bh * NQB + qb, mask=pid >= n_txt_prog, other=0)
-            for i in range(0, n_list):
+            # With descriptors: (t, h, w)-order heads load by TMA, temporal heads gather by pointers;
+            # two loops, one of them empty for each program, so no branch sits inside a loop.
+            n_ptr = n_list
+            if USE_DESC:
+                n_ptr = tl.where(tflag, n_list, 0)
+                for i in range(0, n_list - n_ptr):
+                    j = tl.load(list_base + i).to(tl.int32)
+                    acc, m_i, l_i = _attend_video_desc(acc, m_i, l_i, q, k_desc, v_desc, pad_base, b, h, j, txt_len,
+                                                       L_img, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD)
+            for i in range(0, n_ptr):
                 j = tl.load(list_base + i).to(tl.int32)
                 acc, m_i, l_i = _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img, tflag,
                                               T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD, HAS_TEMPORAL)
@@ -381,7 +425,13 @@ if HAS_TRITON:
             n_gaps = tl.where(is_vid, n_list + 1, 0)
             for i in range(0, n_gaps):
                 nxt = tl.load(list_base + i, mask=i < n_list, other=NKB).to(tl.int32)
-                for j in range(prev + 1, nxt):
+                end_ptr = nxt
+                if USE_DESC:
+                    end_ptr = tl.where(tflag, nxt, prev + 1)
+                    for j in range(prev + 1, tl.where(tflag, prev + 1, nxt)):
+                        acc, m_i, l_i = _attend_video_desc(acc, m_i, l_i, q, k_desc, v_desc, pad_base, b, h, j,
+                                                           txt_len, L_img, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD)
+                for j in range(prev + 1, end_ptr):
                     acc, m_i, l_i = _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img,
                                                   tflag, T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD,
                                                   HAS_TEMPORAL)
@@ -424,6 +474,26 @@ def default_config(interp: bool | None = None) -> dict:
     return dict(num_warps=8, num_stages=3)
 
 
+def _desc_default(q) -> bool:
+    """TMA descriptors on Hopper (sm_90+) when Triton has them; the interpreter and older GPUs use pointers."""
+    return (TensorDescriptor is not None and q.is_cuda and not interpreting()
+            and torch.cuda.get_device_capability(q.device)[0] >= 9)
+
+
+def _descriptors(k, v, block_k):
+    """TMA descriptors of K and V over [B, H, L, D] with their own strides (ComfyUI's transposed views
+    included), one [1, 1, block_k, D] box per load; None when a stride or the base is not 16-byte aligned."""
+    if TensorDescriptor is None:
+        return None
+    out = []
+    for t in (k, v):
+        item = t.element_size()
+        if t.data_ptr() % 16 or any(st * item % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
+            return None
+        out.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_k, t.shape[-1]]))
+    return out
+
+
 def _launch(q, k, v, out, lse, blocks, counts, maxk, txt_len, key_padding, sm_scale, mode, block_q, block_k,
             nqb, nkb, config, res=None, temporal=None, grid=None) -> None:
     """Runs the kernel into the given out / lse / res buffers (tests poison them to see every element written)."""
@@ -436,14 +506,17 @@ def _launch(q, k, v, out, lse, blocks, counts, maxk, txt_len, key_padding, sm_sc
     dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
     has_temporal = temporal is not None and mode != "dense"
     t_frames, hw = (grid[0], grid[1] * grid[2]) if has_temporal else (1, 1)
+    use_desc = cfg.pop("use_desc", None)
+    descs = _descriptors(k, v, block_k) if use_desc is not False and (use_desc or _desc_default(q)) else None
     _sparse_attn_kernel[launch_grid](
         q, k, v, out, lse if lse is not None else out, res if res is not None else out,
         blocks if blocks is not None else dummy, counts if counts is not None else dummy, pad,
         temporal.contiguous().view(torch.uint8) if has_temporal else dummy,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *(descs if descs is not None else (k, v)), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         bsz, heads, seq, txt_len, n_txt, nqb, nkb, maxk, t_frames, hw, sm_scale * LOG2E,
         BLOCK_Q=block_q, BLOCK_K=block_k, D=d, MODE=_MODE_ID[mode], HAS_PAD=key_padding is not None,
-        MASK_VID=(seq - txt_len) % block_k != 0, STORE_LSE=lse is not None, HAS_TEMPORAL=has_temporal, **cfg)
+        MASK_VID=(seq - txt_len) % block_k != 0, STORE_LSE=lse is not None, HAS_TEMPORAL=has_temporal,
+        USE_DESC=descs is not None, **cfg)
 
 
 def sorted_lists(kv_blocks: torch.Tensor, kv_counts: torch.Tensor, nkb: int) -> torch.Tensor:

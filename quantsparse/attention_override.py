@@ -9,9 +9,8 @@ One ``SparseRun`` exists per sampling run (created by the OUTER_SAMPLE wrapper, 
 SSAR correction. Per call, ``sparse_attention_call``:
 
 - DENSE steps (the warm-up, or density 1): the caller's dense attention (the chained backend);
-- REFRESH steps: one sparse pass and one complement pass of the block-sparse kernel, merged by their
-  log-sum-exp into the dense output (the price of one dense pass), which also yields the residual the
-  SSAR cache keeps;
+- REFRESH steps: the kernel's refresh mode, one dense pass that also keeps the sparse output on the
+  way and returns the residual (dense - sparse) the SSAR cache keeps;
 - SPARSE steps: the sparse pass plus the cached correction.
 
 The cache is keyed by (block type, block index, cond/uncond, which chunk of that kind), so the cond
@@ -243,22 +242,21 @@ def sparse_attention_call(run: SparseRun, q: torch.Tensor, k: torch.Tensor, v: t
         return lambda: build_mask(
             q[rows], k[rows], v[rows], mode=cfg.mask_mode, grid=grid, txt_len=txt_len, density=cfg.density,
             block_q=cfg.block_q, block_k=cfg.block_k, sample_rows_count=cfg.svg_sample_rows,
-            attn_mask=None if key_padding is None else
-            torch.where(key_padding[rows], 0.0, -1e30).to(torch.float32)[:, None, None, :])
+            key_padding=None if key_padding is None else key_padding[rows])
 
     # One mask per SSAR key (block, cond/uncond chunk), in this call's batch order.
     mask = cat_masks([run.mask_for((key, q[rows].shape, tuple(grid)), step, kind, choose(rows))
                       for key, rows in chunks])
-    o_s, lse_s = masked_attention(q, k, v, mask, grid=grid, txt_len=txt_len, key_padding=key_padding,
-                                  mode="sparse", return_lse=True)
     if kind == REFRESH:
-        o_c, lse_c = masked_attention(q, k, v, mask, grid=grid, txt_len=txt_len, key_padding=key_padding,
-                                      mode="complement", return_lse=True)
-        parts = [run.ssar.refresh_merged(key, o_s[rows], lse_s[rows], o_c[rows], lse_c[rows], txt_len=txt_len)
-                 for key, rows in chunks]
+        # One pass: the dense output and the dense - sparse residual under this mask.
+        out, resid = masked_attention(q, k, v, mask, grid=grid, txt_len=txt_len, key_padding=key_padding,
+                                      mode="refresh")
+        for key, rows in chunks:
+            run.ssar.refresh_residual(key, resid[rows], out.dtype)
     else:
+        o_s = masked_attention(q, k, v, mask, grid=grid, txt_len=txt_len, key_padding=key_padding, mode="sparse")
         parts = [run.ssar.correct(key, o_s[rows], txt_len=txt_len) for key, rows in chunks]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
     run.record(kind, step, density=mask.density())
     return out
 

@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from ..kernels import svg_probe
+
 
 @dataclass(frozen=True)
 class SparseMask:
@@ -204,26 +206,18 @@ def sample_rows(img_len: int, count: int, device=None) -> torch.Tensor:
     return (torch.arange(count, device=device) * img_len + img_len // 2) // count
 
 
-def _row_token_mask(rows_pos: torch.Tensor, band: torch.Tensor, key_pos: torch.Tensor, nkb: int,
-                    block_q: int, block_k: int) -> torch.Tensor:
-    """bool [S, img_len]: is video key j kept for sampled row s, given positions in the mask's layout."""
-    kb_keep = torch.zeros(rows_pos.numel(), nkb, dtype=torch.bool, device=band.device)
-    kb_keep.scatter_(1, band[rows_pos // block_q].long(), True)
-    return kb_keep[:, key_pos // block_k]
-
-
 def svg_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[int, int, int], txt_len: int,
              density: float, block_q: int = 128, block_k: int = 64, sample_rows_count: int = 64,
-             attn_mask: Optional[torch.Tensor] = None, head_chunk_elems: int = 1 << 25) -> SparseMask:
+             key_padding: Optional[torch.Tensor] = None) -> SparseMask:
     """SparseVideoGen's online profiling: per (batch, head), spatial or temporal band, whichever errs less.
 
-    A few query rows are computed densely and with each candidate mask; the candidate whose sampled
-    output is closer (squared error) wins. Both candidates are the same band of
-    ``ceil(density * NKB)`` key blocks, in (t, h, w) order for spatial heads and in the
-    ``temporal_permutation`` layout for temporal heads, so both reach the same density.
+    A few query rows are computed densely and with each candidate mask (``kernels.svg_probe``: one
+    pass over K and V on the GPU); the candidate whose sampled output is closer (squared error) wins.
+    Both candidates are the same band of ``ceil(density * NKB)`` key blocks, in (t, h, w) order for
+    spatial heads and in the ``temporal_permutation`` layout for temporal heads, so both reach the
+    same density.
 
-    ``attn_mask``: the additive text padding mask the attention call received (broadcastable to
-    ``[B, 1, 1, L]``), so that padded text keys do not sway the choice.
+    ``key_padding``: bool ``[B, L]`` (True = a real key), so that padded text keys do not sway the choice.
     """
     img_len = _check_qk(q, k, txt_len)
     if v.shape[:3] != q.shape[:3]:
@@ -233,34 +227,17 @@ def svg_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[i
         raise ValueError(f"latent grid {tuple(grid)} has {t * hh * ww} tokens but the sequence has {img_len} "
                          f"video tokens after {txt_len} text tokens")
     dev = q.device
-    b, h, seq, d = q.shape
+    b, h = q.shape[:2]
     nkb = num_blocks(img_len, block_k)
     keep = block_budget(density, nkb)
     band = band_blocks(img_len, block_q, block_k, keep, device=dev)
 
     rows = sample_rows(img_len, sample_rows_count, device=dev)
-    pos = torch.arange(img_len, device=dev)
     _, inverse = temporal_permutation(grid, device=dev)
-    spatial_keep = _row_token_mask(rows, band, pos, nkb, block_q, block_k)
-    temporal_keep = _row_token_mask(inverse[rows], band, inverse, nkb, block_q, block_k)
-    txt_keep = torch.ones(rows.numel(), txt_len, dtype=torch.bool, device=dev)
-    keeps = torch.stack([torch.cat([txt_keep, spatial_keep], 1), torch.cat([txt_keep, temporal_keep], 1)])
-
-    scale = d ** -0.5
-    err = torch.empty(2, b, h, dtype=torch.float32, device=dev)
-    chunk = max(1, head_chunk_elems // (rows.numel() * seq))
-    bias = None if attn_mask is None else attn_mask.to(torch.float32).reshape(attn_mask.shape[0], 1, 1, seq)
-    for bi in range(b):
-        for h0 in range(0, h, chunk):
-            qs = q[bi, h0:h0 + chunk, txt_len + rows].float()
-            logits = qs @ k[bi, h0:h0 + chunk].float().transpose(-1, -2) * scale  # [hc, S, L]
-            if bias is not None:
-                logits = logits + bias[min(bi, bias.shape[0] - 1), 0]
-            vv = v[bi, h0:h0 + chunk].float()
-            dense = torch.softmax(logits, -1) @ vv
-            for c in range(2):
-                sparse = torch.softmax(logits.masked_fill(~keeps[c], float("-inf")), -1) @ vv
-                err[c, bi, h0:h0 + chunk] = (sparse - dense).square().sum((-1, -2))
+    lo_spatial = band[rows // block_q, 0]
+    lo_temporal = band[inverse[rows] // block_q, 0]
+    err = svg_probe(q, k, v, rows, lo_spatial, lo_temporal, txt_len=txt_len, grid=tuple(grid), band_block=block_k,
+                    keep=keep, key_padding=key_padding)
     temporal = err[1] < err[0]
     kv_blocks = band.expand(b, h, *band.shape)  # one band for every head: a view, not B*H copies
     counts = torch.full((b, h, band.shape[0]), keep, dtype=torch.int32, device=dev)
@@ -271,11 +248,11 @@ def svg_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid: tuple[i
 
 def build_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: str, grid: tuple[int, int, int],
                txt_len: int, density: float, block_q: int = 128, block_k: int = 64, sample_rows_count: int = 64,
-               attn_mask: Optional[torch.Tensor] = None) -> SparseMask:
+               key_padding: Optional[torch.Tensor] = None) -> SparseMask:
     """Dispatch on the ``SparseConfig.mask_mode`` string."""
     if mode == "svg":
         return svg_mask(q, k, v, grid=grid, txt_len=txt_len, density=density, block_q=block_q, block_k=block_k,
-                        sample_rows_count=sample_rows_count, attn_mask=attn_mask)
+                        sample_rows_count=sample_rows_count, key_padding=key_padding)
     if mode == "topk":
         return topk_mask(q, k, txt_len=txt_len, density=density, block_q=block_q, block_k=block_k)
     raise ValueError(f"mask mode {mode!r} is not supported; choose 'svg' or 'topk'")

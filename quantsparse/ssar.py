@@ -275,6 +275,11 @@ class SSARState:
         self._store(key, resid[:, :, txt_len:], o_sparse.dtype)
         return o_dense
 
+    def refresh_residual(self, key: Hashable, resid: torch.Tensor, dtype: torch.dtype) -> None:
+        """Refresh step from the kernel's refresh mode: ``resid`` is dense - sparse of the video rows
+        (float32 ``[B, H, L_img, D]``), the dense output is the caller's."""
+        self._store(key, resid, dtype)
+
     def _store(self, key: Hashable, d: torch.Tensor, dtype: torch.dtype) -> None:
         cfg, lay = self.config, self.layout
         self.stats["refreshes"] += 1

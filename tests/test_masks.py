@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from comfyui_quantsparse.kernels.svg_probe import svg_probe_reference
 from comfyui_quantsparse.quantsparse.masks import (
-    block_density, build_mask, diagonal_blocks, num_blocks, permute_heads,
+    band_blocks, block_density, build_mask, diagonal_blocks, num_blocks, permute_heads, sample_rows,
     svg_mask, temporal_permutation, token_mask, topk_mask, unpermute_heads,
 )
 from comfyui_quantsparse.quantsparse.sparse_attention import masked_attention
@@ -146,12 +147,18 @@ def test_the_kernel_runs_a_mask_as_the_dense_mask_reference(mode):
 
 
 def test_svg_honours_the_text_padding_mask():
+    """The padding reaches the probe: the choice is the probe's on the padded keys."""
     grid, txt = (4, 4, 4), 8
     q, k, v = qkv(1, 2, txt, grid, seed=2)
-    pad = torch.zeros(1, 1, 1, txt + 64)
-    pad[..., 4:txt] = -torch.finfo(torch.float32).max
-    m = svg_mask(q, k, v, grid=grid, txt_len=txt, density=0.3, block_q=16, block_k=16, attn_mask=pad)
-    assert m.temporal.shape == (1, 2)
+    pad = torch.ones(1, txt + 64, dtype=torch.bool)
+    pad[:, 4:txt] = False
+    m = svg_mask(q, k, v, grid=grid, txt_len=txt, density=0.3, block_q=16, block_k=16, key_padding=pad)
+    band = band_blocks(64, 16, 16, m.kv_counts.max().item())
+    rows = sample_rows(64, 64)
+    _, inverse = temporal_permutation(grid)
+    err = svg_probe_reference(q, k, v, rows, band[rows // 16, 0], band[inverse[rows] // 16, 0], txt_len=txt,
+                              grid=grid, band_block=16, keep=int(m.kv_counts.max()), key_padding=pad)
+    assert torch.equal(m.temporal, err[1] < err[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)
