@@ -89,16 +89,18 @@ class SampleResult:
 
 def sample_clip(model: HunyuanVideo, clip: Clip, *, steps: int = DEFAULT_STEPS, sparse: Optional[SparseConfig] = None,
                 cfg: float = 1.0, latent_frames: int = pdata.LATENT_FRAMES, latent_size: int = pdata.LATENT_SIZE,
-                trajectory: Optional[list] = None) -> SampleResult:
+                trajectory: Optional[list] = None,
+                condition: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> SampleResult:
     """Euler flow-matching sampling of one clip; dense when ``sparse`` is None.
 
     With ``cfg`` > 1 the conditional and zero-conditioned halves run as one batch of two (cond first),
     each keeping its own SSAR cache. ``trajectory``, when given, receives the model inputs
-    ``(x, timestep, context, y, guidance)`` of every step (calibration data).
+    ``(x, timestep, context, y, guidance)`` of every step (calibration data). ``condition``
+    ``(context [Ltxt, C], pooled [768])`` replaces the prompt's embedding (e.g. ComfyUI's conditioning).
     """
     dev = next(iter(model.state_dict().values())).device
-    ctx, y = pdata.encode_prompt(clip.prompt, model.dims.context_in_dim)
-    ctx, y = ctx[None], y[None]
+    ctx, y = condition if condition is not None else pdata.encode_prompt(clip.prompt, model.dims.context_in_dim)
+    ctx, y = ctx.float()[None], y.float()[None]
     if cfg != 1.0:
         nctx, ny = pdata.null_condition(model.dims.context_in_dim)
         ctx, y = torch.cat([ctx, nctx[None]]), torch.cat([y, ny[None]])

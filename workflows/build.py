@@ -114,7 +114,64 @@ def text_to_video(ckpt: str = "hunyuan_video_t2v_720p_w4a8.safetensors") -> Work
     return w
 
 
-WORKFLOWS = {"quantsparse_text_to_video.json": text_to_video}
+def dense_vs_quantsparse(unet: str = "hunyuan_video_t2v_720p_bf16.safetensors",
+                         ckpt: str = "hunyuan_video_t2v_720p_w4a8.safetensors") -> Workflow:
+    """The BF16 model (stock KSampler) and its QuantSparse checkpoint (QuantSparse Sampler) from the same
+    seed, prompt and latent, decoded and stitched side by side (dense left) into one video.
+
+    Runs on the proxy too: the proxy file as the UNET, its converted checkpoint as ``ckpt`` (the
+    real-ComfyUI test substitutes them and the text encoder, as for the text-to-video workflow).
+    """
+    w = Workflow()
+    dense = w.node("UNETLoader", (0, 0), [unet, "default"], outputs=[("MODEL", "MODEL")], title="Load Diffusion Model (BF16)")
+    quant = w.node("QuantSparseLoader", (0, 160), [ckpt], outputs=[("MODEL", "MODEL")], title="Load QuantSparse Model")
+    clip = w.node("DualCLIPLoader", (0, 320), ["clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors",
+                                               "hunyuan_video", "default"], outputs=[("CLIP", "CLIP")])
+    vae = w.node("VAELoader", (0, 520), ["hunyuan_video_vae_bf16.safetensors"], outputs=[("VAE", "VAE")])
+    text = w.node("CLIPTextEncode", (360, 320), ["a red fox running through fresh snow, golden hour, cinematic"],
+                  inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")])
+    guidance = w.node("FluxGuidance", (720, 320), [6.0], inputs=[("conditioning", "CONDITIONING")],
+                      outputs=[("CONDITIONING", "CONDITIONING")])
+    negative = w.node("ConditioningZeroOut", (720, 440), inputs=[("conditioning", "CONDITIONING")],
+                      outputs=[("CONDITIONING", "CONDITIONING")])
+    shift_d = w.node("ModelSamplingSD3", (360, 0), [7.0], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")])
+    shift_q = w.node("ModelSamplingSD3", (360, 160), [7.0], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")])
+    latent = w.node("EmptyHunyuanLatentVideo", (720, 560), [848, 480, 73, 1], outputs=[("LATENT", "LATENT")])
+    common = [42, "fixed", 20, 1.0, "euler", "simple", 1.0]  # same seed, steps, cfg, sampler, schedule
+    ports = [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")]
+    sample_d = w.node("KSampler", (1080, 0), list(common), inputs=ports, outputs=[("LATENT", "LATENT")],
+                      title="Dense BF16")
+    sample_q = w.node("QuantSparseSampler", (1080, 300), list(common) + SPARSE_KNOBS, inputs=ports,
+                      outputs=[("LATENT", "LATENT")], title="QuantSparse")
+    decode_d = w.node("VAEDecodeTiled", (1440, 0), [256, 64, 64, 8], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+                      outputs=[("IMAGE", "IMAGE")])
+    decode_q = w.node("VAEDecodeTiled", (1440, 300), [256, 64, 64, 8], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+                      outputs=[("IMAGE", "IMAGE")])
+    stitch = w.node("ImageStitch", (1800, 0), ["right", True, 8, "white"], inputs=[("image1", "IMAGE"), ("image2", "IMAGE")],
+                    outputs=[("IMAGE", "IMAGE")], title="Dense | QuantSparse")
+    video = w.node("CreateVideo", (2160, 0), [24.0, 8], inputs=[("images", "IMAGE")], outputs=[("VIDEO", "VIDEO")])
+    save = w.node("SaveVideo", (2520, 0), ["video/dense_vs_QuantSparse", "auto", "auto"], inputs=[("video", "VIDEO")])
+    w.link(dense, 0, shift_d, "model")
+    w.link(quant, 0, shift_q, "model")
+    w.link(clip, 0, text, "clip")
+    w.link(text, 0, guidance, "conditioning")
+    w.link(text, 0, negative, "conditioning")
+    for shift, sampler, decode in ((shift_d, sample_d, decode_d), (shift_q, sample_q, decode_q)):
+        w.link(shift, 0, sampler, "model")
+        w.link(guidance, 0, sampler, "positive")
+        w.link(negative, 0, sampler, "negative")
+        w.link(latent, 0, sampler, "latent_image")
+        w.link(sampler, 0, decode, "samples")
+        w.link(vae, 0, decode, "vae")
+    w.link(decode_d, 0, stitch, "image1")
+    w.link(decode_q, 0, stitch, "image2")
+    w.link(stitch, 0, video, "images")
+    w.link(video, 0, save, "video")
+    return w
+
+
+WORKFLOWS = {"quantsparse_text_to_video.json": text_to_video,
+             "quantsparse_dense_vs_quantsparse.json": dense_vs_quantsparse}
 
 
 def render(name: str) -> str:
