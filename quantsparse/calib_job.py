@@ -67,3 +67,56 @@ def calibrate_to_file(model: HunyuanVideo, samples: Sequence[dict[str, torch.Ten
     if not keep_work:
         clear_work(work_dir)
     return path, result, record
+
+
+def load_full_model(src: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> HunyuanVideo:
+    """A BF16/FP16/FP32 HunyuanVideo file (ComfyUI naming, prefixed or not) as the torch model, in ``dtype``.
+
+    The file is checked from its header first (``convert.inspect_source``: a QuantSparse or FP8 file, or
+    another model, is refused with a message saying which file to use instead).
+    """
+    from .convert import inspect_source
+    from .safetensors_io import TensorFile
+
+    source = inspect_source(src)
+    model = HunyuanVideo(source.dims, dtype=dtype, device="meta")
+    state = {}
+    with TensorFile(source.header) as reader:
+        for key in source.header.tensors:
+            if key.startswith(source.prefix):
+                state[key[len(source.prefix):]] = reader.get(key).to(dtype)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def load_conditioning(path: str | os.PathLike) -> list:
+    """Prompt embeddings from a safetensors file: ``context.N`` [Ltxt, C] (or [1, Ltxt, C]), ``pooled.N`` [768]
+    (or [1, 768]) and optionally ``mask.N`` [Ltxt] (1 = token, 0 = padding), for N = 0, 1, ..."""
+    from .capture import Conditioning
+    from .calib_store import load_tensors
+
+    t = load_tensors(str(path))
+    n = 0
+    out = []
+    while f"context.{n}" in t:
+        if f"pooled.{n}" not in t:
+            raise ValueError(f"{path}: context.{n} has no pooled.{n} (the pooled CLIP-L vector, [768])")
+        ctx = t[f"context.{n}"]
+        ctx = ctx[None] if ctx.dim() == 2 else ctx
+        y = t[f"pooled.{n}"].reshape(1, -1)
+        mask = t.get(f"mask.{n}")
+        out.append(Conditioning(ctx, y, None if mask is None else mask.reshape(1, -1)))
+        n += 1
+    if not out:
+        raise ValueError(f"{path}: no prompt embeddings found; expected tensors context.0, pooled.0, ... "
+                         "(text-encoder hidden states and pooled CLIP-L vectors, one pair per prompt)")
+    return out
+
+
+def random_conditioning(count: int, context_dim: int, tokens: int = 32, seed: int = 0) -> list:
+    """Random prompt embeddings: for timing and for smoke tests without a text encoder, never for a real model."""
+    from .capture import Conditioning
+
+    g = torch.Generator().manual_seed(seed)
+    return [Conditioning(torch.randn(1, tokens, context_dim, generator=g), torch.randn(1, 768, generator=g))
+            for _ in range(count)]

@@ -1,4 +1,4 @@
-"""`quantsparse` command line: convert a BF16 HunyuanVideo file, inspect a checkpoint.
+"""`quantsparse` command line: convert or calibrate a BF16 HunyuanVideo file, inspect a checkpoint.
 
 Errors are the library's own messages (they name the file, the problem and the fix), printed
 without a traceback: a user mistake is not a crash.
@@ -7,6 +7,7 @@ without a traceback: a user mistake is not a crash.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import Counter
@@ -33,9 +34,45 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="0: one weight scale per output channel (default); 128: one per 128 inputs (w4a8 only)")
     conv.add_argument("--no-rotate", action="store_true", help="skip the Hadamard rotation (for experiments)")
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    ins = sub.add_parser("inspect", help="validate a QuantSparse checkpoint and print a summary")
+    ins = sub.add_parser("inspect", help="validate a QuantSparse checkpoint and print its provenance and settings")
     ins.add_argument("file")
+    ins.add_argument("--blocks", action="store_true", help="also print each block's calibration losses")
+    _add_calibrate(sub)
     return parser
+
+
+def _add_calibrate(sub) -> None:
+    from .calib_settings import CalibSettings
+
+    d = CalibSettings()
+    cal = sub.add_parser(
+        "calibrate", help="MSAD-calibrate a BF16 HunyuanVideo file into a QuantSparse checkpoint",
+        description="Sample the full model over the prompts, record its inputs at steps spread over the schedule, "
+                    "then calibrate block by block (smoothing and clipping, MSAD loss) and write the checkpoint. "
+                    "Progress is kept in a work folder: run the same command again to continue after a stop.")
+    cal.add_argument("src", help="BF16 HunyuanVideo .safetensors (ComfyUI naming)")
+    cal.add_argument("dst", help="output .safetensors")
+    src = cal.add_mutually_exclusive_group(required=True)
+    src.add_argument("--conditioning", help="prompt embeddings .safetensors: context.N [Ltxt, 4096], pooled.N [768], "
+                                            "optional mask.N [Ltxt] (e.g. saved from ComfyUI's text encoders)")
+    src.add_argument("--random-prompts", type=int, metavar="N",
+                     help="N random prompt embeddings (timing and smoke tests only: not for a model you will use)")
+    cal.add_argument("--width", type=int, default=848)
+    cal.add_argument("--height", type=int, default=480)
+    cal.add_argument("--frames", type=int, default=33)
+    cal.add_argument("--samples", type=int, default=20, help="calibration samples (default 20, the paper's)")
+    cal.add_argument("--steps", type=int, default=20, help="sampling steps of the capture runs (default 20)")
+    cal.add_argument("--guidance", type=float, default=6.0, help="embedded guidance (default 6.0)")
+    cal.add_argument("--bits", choices=sorted(BIT_SCHEMES), default=d.bits)
+    cal.add_argument("--density", type=float, default=d.density,
+                     help=f"sparse-attention density the blocks are calibrated at (default {d.density}; 1 = dense)")
+    cal.add_argument("--epochs", type=int, default=d.epochs)
+    cal.add_argument("--lambda-global", type=float, default=None, help="default: normalised to the output loss")
+    cal.add_argument("--lambda-local", type=float, default=None, help="default: normalised to the output loss")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    cal.add_argument("--work-dir", help="work folder (default: DST + '.work')")
+    cal.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,12 +80,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return _convert(args)
-        return _inspect(args.file, sys.stdout)
+        if args.command == "calibrate":
+            return _calibrate(args)
+        return _inspect(args.file, sys.stdout, blocks=args.blocks)
     except ValueError as e:  # CheckpointError, ConvertError, SafetensorsError, config errors
         print(f"quantsparse {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted; nothing was written", file=sys.stderr)
+        hint = " (run the same command again to continue)" if args.command == "calibrate" else ""
+        print(f"\ninterrupted; nothing was written{hint}", file=sys.stderr)
         return 130
 
 
@@ -88,8 +128,48 @@ def _convert(args) -> int:
     return 0
 
 
-def _inspect(path: str, out: TextIO) -> int:
+def _calibrate(args) -> int:
+    import torch
+
+    from .calib_job import (CalibrationInfo, calibrate_to_file, check_output, load_conditioning, load_full_model,
+                            random_conditioning)
+    from .calib_settings import CalibSettings
+    from .calibrate import RunOptions
+    from .capture import sample_and_capture
+
+    settings = CalibSettings(bits=args.bits, density=args.density, epochs=args.epochs,
+                             lambda_global=args.lambda_global, lambda_local=args.lambda_local, seed=args.seed)
+    check_output(args.dst, args.overwrite)  # before an hour of work, not after
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = load_full_model(args.src)
+    if args.conditioning:
+        conds = load_conditioning(args.conditioning)
+    else:
+        conds = random_conditioning(args.random_prompts, model.dims.context_in_dim, seed=args.seed)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"capturing {args.samples} samples from {len(conds)} prompt(s) at {args.width}x{args.height}x{args.frames}, "
+        f"{args.steps} steps, on {device}")
+    samples = sample_and_capture(model, conds, width=args.width, height=args.height, frames=args.frames,
+                                 samples=args.samples, steps=args.steps, seed=args.seed, guidance=args.guidance,
+                                 device=device)
+    work = args.work_dir or f"{args.dst}.work"
+    progress = lambda done, total, key: log(f"[{done}/{total}] {key} done")  # noqa: E731
+    info = CalibrationInfo(os.path.basename(args.src), len(conds), args.width, args.height, args.frames, args.steps,
+                           args.guidance)
+    path, result, record = calibrate_to_file(model, samples, settings, args.dst, info, work_dir=work,
+                                             overwrite=args.overwrite,
+                                             options=RunOptions(device=device, progress=progress, log=log))
+    print(f"wrote {path}")
+    losses = record["losses"]
+    print(f"block output MSE, mean over {losses['blocks']} blocks: {losses['rtn_out_mean']:.4g} (round-to-nearest) "
+          f"-> {losses['out_mean']:.4g}; {result.seconds / 60:.1f} min"
+          + (f" ({result.resumed_blocks} blocks resumed)" if result.resumed_blocks else ""))
+    return 0
+
+
+def _inspect(path: str, out: TextIO, blocks: bool = False) -> int:
     from .checkpoint import validate_checkpoint
+    from .provenance import block_table, calibration_lines, sparse_lines
 
     info = validate_checkpoint(path)
     d, c = info.dims, info.config
@@ -112,12 +192,11 @@ def _inspect(path: str, out: TextIO) -> int:
         w(f"  {kind:6s} {kinds[kind]:4d} Linears, {params[kind] / 1e9:.2f} B weights\n")
     w(f"size: {info.file_size / GB:.3f} GB ({len(info.tensors)} tensors: {qbytes / GB:.3f} GB quantized Linears, "
       f"{fbytes / GB:.3f} GB BF16)\n")
-    if info.calibration:
-        w("calibration: " + ", ".join(f"{k}={v}" for k, v in info.calibration.items()) + "\n")
-    else:
-        w("calibration: none (round-to-nearest)\n")
-    if info.sparse_defaults:
-        w("sparse defaults: " + ", ".join(f"{k}={v}" for k, v in info.sparse_defaults.items()) + "\n")
+    for line in calibration_lines(info.calibration) + sparse_lines(info.sparse_defaults):
+        w(line + "\n")
+    if blocks:
+        for line in block_table(info.calibration):
+            w(line + "\n")
     return 0
 
 

@@ -146,7 +146,7 @@ class ActFakeQuant(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, smooth: torch.Tensor, rotate: bool, qm: int) -> torch.Tensor:
         ctx.save_for_backward(x, smooth)
         ctx.rotate = rotate
-        y = x.float() * smooth
+        y = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x) * smooth
         if rotate:
             y = block_hadamard(y)
         scale = y.abs().amax(dim=-1, keepdim=True).clamp_min(ACT_AMAX_FLOOR) / qm
@@ -155,11 +155,12 @@ class ActFakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, smooth = ctx.saved_tensors
-        g = grad.float()
+        g = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
         if ctx.rotate:
             g = block_hadamard(g)
         grad_x = (g * smooth).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_s = (g * x.float()).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        grad_s = (g * x.to(g.dtype)).reshape(-1, x.shape[-1]).sum(0).to(smooth.dtype) \
+            if ctx.needs_input_grad[1] else None
         return grad_x, grad_s, None, None
 
 
