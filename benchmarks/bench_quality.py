@@ -77,7 +77,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Quality on the proxy HunyuanVideo ({result['date']})", "",
              f"{result['clips']} clips x {result['steps']} Euler steps, PSNR / SSIM of decoded pixels against the "
              f"dense BF16 proxy (same seeds). Weights: `{result['weights']}` ({result['weights_card']}). "
-             f"Calibration: {result['calibration']}. Device: {result['device']}.", "",
+             f"Calibration: {result['calibration']} ({result['calibration_samples']} samples, epochs "
+             f"{result['calibration_epochs'] or 'default'}). Device: {result['device']}.", "",
              "| method | bits | density | PSNR (dB) | SSIM | achieved density | s / clip |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="4 clips, 8 steps, W4A8 only")
     p.add_argument("--bits", nargs="+", default=["w4a8", "w6a6"])
     p.add_argument("--calibrate", default="auto", help="'auto', 'rtn' or 'module:function' (proxy_sample.CalibrateFn)")
-    p.add_argument("--calib-clips", type=int, default=4)
+    p.add_argument("--calib-clips", type=int, default=2, help="calibration clips (x steps/2 captured samples each)")
+    p.add_argument("--calib-epochs", type=int, default=None, help="calibration epochs (default: the calibration's, 15)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "quality_proxy.json"))
     p.add_argument("--md", default=None, help="markdown table (default: --out with .md)")
@@ -150,8 +152,8 @@ def main(argv=None) -> int:
             else:
                 lg = 0.0 if variant == "no-global" else None
                 ll = 0.0 if variant == "no-local" else None
-                opts = ps.CalibrationOptions(lambda_global=lg, lambda_local=ll,
-                                             sparse=ps.proxy_sparse_config(density), log=print)
+                opts = ps.CalibrationOptions(lambda_global=lg, lambda_local=ll, epochs=a.calib_epochs,
+                                             sparse=ps.proxy_sparse_config(density), log=None)
                 tc = time.perf_counter()
                 models[key] = calibrate(dense, qcfg, calib_set, opts)
                 print(f"  calibrated {variant} {bits} d={density}: {time.perf_counter() - tc:.0f} s", flush=True)
@@ -184,6 +186,7 @@ def main(argv=None) -> int:
         "weights_sha256": sha256(weights),
         "weights_card": f"{card.get('steps', '?')} training steps on {card.get('device', '?')}",
         "clips": len(clips), "steps": a.steps, "calibration": calib_name,
+        "calibration_samples": len(calib_set.inputs) if calib_set else 0, "calibration_epochs": a.calib_epochs,
         "rows": rows, "skipped": skipped,
     }
     result["notes"] = targets(rows)

@@ -21,7 +21,7 @@ from .proxy_sample import CalibrateFn, SampleResult, decode, resolve_calibrate, 
 DATA_RANGE = 2.0
 # Where MSAD calibration is looked for, in order ("module:function" inside this package; the function
 # follows proxy_sample.CalibrateFn).
-MSAD_CANDIDATES = ("calibrate:calibrate_proxy", "msad:calibrate_proxy")
+MSAD_CANDIDATES = ("calibrate:calibrate_proxy", "msad:calibrate_proxy", "proxy_msad:calibrate_proxy")
 
 
 def find_calibrate(name: str = "auto") -> tuple[str, CalibrateFn]:

@@ -211,7 +211,7 @@ def test_sampling_is_deterministic_and_refresh_every_step_is_dense(proxy):
 def test_demo_runs_end_to_end_on_a_shrunken_setting(tmp_path, capsys):
     from comfyui_quantsparse.quantsparse.demo import main
 
-    rc = main(["--clips", "1", "--steps", "3", "--calib-clips", "1", "--calibrate", "rtn", "--out", str(tmp_path)])
+    rc = main(["--clips", "1", "--steps", "3", "--calib-clips", "1", "--calib-epochs", "1", "--out", str(tmp_path)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "PSNR" in text and "storage" in text and "achieved density" in text
@@ -222,7 +222,10 @@ def test_demo_runs_end_to_end_on_a_shrunken_setting(tmp_path, capsys):
     assert set(summary["block_errors"]) == {"double.0", "double.1"} | {f"single.{i}" for i in range(4)}
     preview = next(tmp_path.glob("side_by_side.*"))
     assert preview.stat().st_size > 1000
-    assert (tmp_path / "calibration.svg").read_text().startswith("<svg")
+    svg = (tmp_path / "calibration.svg").read_text()
+    assert svg.startswith("<svg") and "single.3" in svg
+    assert summary["calibration"] != "rtn"  # MSAD through the calibrate_fn seam (proxy_msad)
+    assert "<polyline" in svg  # its per-block losses are plotted
 
 
 def test_demo_reports_missing_weights(tmp_path, capsys):
