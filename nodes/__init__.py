@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .calibrate import QuantSparseCalibrate
 from .folders import register_folder
 from .loader import QuantSparseLoader
 from .sampler import QuantSparseSampler
@@ -18,4 +19,4 @@ register_folder()
 
 class QuantSparseExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [QuantSparseLoader, QuantSparseAttention, QuantSparseSampler]
+        return [QuantSparseCalibrate, QuantSparseLoader, QuantSparseAttention, QuantSparseSampler]

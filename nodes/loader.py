@@ -6,6 +6,8 @@ import os
 
 from comfy_api.latest import io, ui
 
+from ..quantsparse.checkpoint import validate_checkpoint
+from ..quantsparse.provenance import summary_lines
 from .folders import checkpoint_path, list_checkpoints
 from .model import load_quantsparse_model
 
@@ -44,4 +46,5 @@ class QuantSparseLoader(io.ComfyNode):
     def execute(cls, ckpt_name: str) -> io.NodeOutput:
         path = checkpoint_path(ckpt_name)
         model, summary = load_quantsparse_model(path)
-        return io.NodeOutput(model, ui=ui.PreviewText(summary.text()))
+        provenance = summary_lines(validate_checkpoint(path))  # header only: milliseconds
+        return io.NodeOutput(model, ui=ui.PreviewText("\n".join([summary.text(), *provenance])))

@@ -93,6 +93,8 @@ def _to(sample: dict[str, torch.Tensor], device, dtype=None) -> dict[str, torch.
     out = {}
     for k, v in sample.items():
         v = v.to(device, non_blocking=True)
+        if v.is_inference():  # recorded under ComfyUI's inference mode: autograd cannot save those
+            v = v.clone()
         if dtype is not None and v.is_floating_point() and k in ("img", "txt", "x", "vec", "mask"):
             v = v.to(dtype)
         out[k] = v
@@ -211,13 +213,25 @@ def calibrate_block(block: nn.Module, block_type: str, index: int, samples: Sequ
                     log: Optional[Callable[[str], None]] = None) -> BlockResult:
     """Calibrate ``block`` (left unchanged) on host ``samples``; ``on_outputs(i, outputs)`` receives each
     sample's full-model outputs (host tensors, the next block's inputs) in order; ``check_stop`` is called
-    between steps and may raise to interrupt."""
+    between steps and may raise to interrupt. Runs with autograd on even when called under ComfyUI's
+    inference mode."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _calibrate_block(block, block_type, index, samples, settings, dims, device=device, dtype=dtype,
+                                on_outputs=on_outputs, check_stop=check_stop, device_cache_bytes=device_cache_bytes,
+                                log=log)
+
+
+def _calibrate_block(block, block_type, index, samples, settings, dims, *, device, dtype, on_outputs, check_stop,
+                     device_cache_bytes, log) -> BlockResult:
     t0 = time.perf_counter()
     device = torch.device(device)
     key = block_key(block_type, index)
     fp = copy.deepcopy(block).to(device)
     dtype = dtype or next(fp.parameters()).dtype
     fp.to(dtype)
+    for t in list(fp.parameters()) + list(fp.buffers()):
+        if t.is_inference():
+            t.data = t.data.clone()
     names = block_layers(fp, block_type, index, settings)
     rope = _Rope(dims, device)
 

@@ -170,8 +170,65 @@ def dense_vs_quantsparse(unet: str = "hunyuan_video_t2v_720p_bf16.safetensors",
     return w
 
 
+def calibration(unet: str = "hunyuan_video_t2v_720p_bf16.safetensors") -> Workflow:
+    """The BF16 model calibrated with MSAD over a prompt list (848x480x33, 20 samples, 15 epochs, W4A8 at 15%
+    density) into models/quantsparse/, then the calibrated MODEL sampled once by the QuantSparse Sampler."""
+    w = Workflow()
+    model = w.node("UNETLoader", (0, 0), [unet, "default"], outputs=[("MODEL", "MODEL")],
+                   title="Load Diffusion Model (BF16)")
+    clip = w.node("DualCLIPLoader", (0, 180), ["clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors",
+                                                "hunyuan_video", "default"], outputs=[("CLIP", "CLIP")])
+    vae = w.node("VAELoader", (0, 380), ["hunyuan_video_vae_bf16.safetensors"], outputs=[("VAE", "VAE")])
+    prompts = "\n".join([
+        "a red fox running through fresh snow, golden hour, cinematic",
+        "a busy city street at night in the rain, neon reflections, people with umbrellas",
+        "waves crashing on black volcanic rocks, slow motion, overcast sky",
+        "a chef chopping vegetables in a bright kitchen, close-up of the hands",
+        "a hot air balloon drifting over green hills at sunrise, aerial shot",
+    ])
+    # prompts, width, height, frames, samples, steps, bits, density, epochs, seed, file_name, overwrite,
+    # then the advanced guidance, lambda_global, lambda_local (-1 = normalised to the output loss)
+    calib = w.node("QuantSparseCalibrate", (360, 0),
+                   [prompts, 848, 480, 33, 20, 20, "w4a8", 0.15, 15, 0, "hunyuan_video_msad_w4a8", False,
+                    6.0, -1.0, -1.0],
+                   inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")],
+                   title="QuantSparse Calibrate")
+    text = w.node("CLIPTextEncode", (360, 420), ["a red fox running through fresh snow, golden hour, cinematic"],
+                  inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")])
+    guidance = w.node("FluxGuidance", (720, 420), [6.0], inputs=[("conditioning", "CONDITIONING")],
+                      outputs=[("CONDITIONING", "CONDITIONING")])
+    negative = w.node("ConditioningZeroOut", (720, 540), inputs=[("conditioning", "CONDITIONING")],
+                      outputs=[("CONDITIONING", "CONDITIONING")])
+    shift = w.node("ModelSamplingSD3", (720, 0), [7.0], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")])
+    latent = w.node("EmptyHunyuanLatentVideo", (720, 660), [848, 480, 73, 1], outputs=[("LATENT", "LATENT")])
+    sample = w.node("QuantSparseSampler", (1080, 0), [42, "fixed", 20, 1.0, "euler", "simple", 1.0] + SPARSE_KNOBS,
+                    inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                            ("latent_image", "LATENT")],
+                    outputs=[("LATENT", "LATENT")], title="QuantSparse Sampler")
+    decode = w.node("VAEDecodeTiled", (1440, 0), [256, 64, 64, 8], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+                    outputs=[("IMAGE", "IMAGE")])
+    video = w.node("CreateVideo", (1800, 0), [24.0, 8], inputs=[("images", "IMAGE")], outputs=[("VIDEO", "VIDEO")])
+    save = w.node("SaveVideo", (2160, 0), ["video/QuantSparse_calibrated", "auto", "auto"], inputs=[("video", "VIDEO")])
+    w.link(model, 0, calib, "model")
+    w.link(clip, 0, calib, "clip")
+    w.link(clip, 0, text, "clip")
+    w.link(calib, 0, shift, "model")
+    w.link(text, 0, guidance, "conditioning")
+    w.link(text, 0, negative, "conditioning")
+    w.link(shift, 0, sample, "model")
+    w.link(guidance, 0, sample, "positive")
+    w.link(negative, 0, sample, "negative")
+    w.link(latent, 0, sample, "latent_image")
+    w.link(sample, 0, decode, "samples")
+    w.link(vae, 0, decode, "vae")
+    w.link(decode, 0, video, "images")
+    w.link(video, 0, save, "video")
+    return w
+
+
 WORKFLOWS = {"quantsparse_text_to_video.json": text_to_video,
-             "quantsparse_dense_vs_quantsparse.json": dense_vs_quantsparse}
+             "quantsparse_dense_vs_quantsparse.json": dense_vs_quantsparse,
+             "quantsparse_calibrate.json": calibration}
 
 
 def render(name: str) -> str:

@@ -1,0 +1,225 @@
+"""The "QuantSparse Calibrate" node: BF16 HunyuanVideo + prompts -> an MSAD-calibrated checkpoint and MODEL.
+
+ComfyUI glue only; the method lives in ``quantsparse/`` (capture plan, calibration, export). What is
+ComfyUI's here: the prompts are encoded by the CLIP given, the calibration samples are recorded from
+ComfyUI's own sampler (euler, simple schedule, the model's shift) through a DIFFUSION_MODEL wrapper,
+interrupts and the progress bar are ComfyUI's, and the file goes to ``models/quantsparse/`` where
+"Load QuantSparse Model" lists it. The work folder (resumable progress) is
+``output/quantsparse_work/NAME/``: queue the same graph again after a stop to continue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sample
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..quantsparse.calib_job import CalibrationInfo, calibrate_to_file, check_output
+from ..quantsparse.calib_settings import CalibSettings
+from ..quantsparse.calibrate import RunOptions
+from ..quantsparse.capture import DEFAULT_GUIDANCE, capture_plan, latent_shape, record, steps_by_prompt
+from ..quantsparse.config import BIT_SCHEMES
+from ..quantsparse.hunyuan.dims import dims_from_state_dict
+from ..quantsparse.hunyuan.model import HunyuanVideo
+from ..quantsparse.provenance import calibration_lines
+from .folders import FOLDER
+from .model import load_quantsparse_model
+
+log = logging.getLogger("quantsparse")
+WRAPPER_KEY = "quantsparse_capture"
+FULL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DEFAULT_PROMPTS = "\n".join([
+    "a red fox running through fresh snow, golden hour, cinematic",
+    "a busy city street at night in the rain, neon reflections, people with umbrellas",
+    "waves crashing on black volcanic rocks, slow motion, overcast sky",
+    "a chef chopping vegetables in a bright kitchen, close-up of the hands",
+    "a hot air balloon drifting over green hills at sunrise, aerial shot",
+])
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,120}$")
+
+
+def full_model_of(model) -> HunyuanVideo:
+    """The MODEL's weights as the torch-only HunyuanVideo (BF16, host), or a ValueError saying what to load."""
+    base = getattr(model, "model", None)
+    kind = type(base).__name__
+    if kind != "HunyuanVideo":
+        raise ValueError(f"QuantSparse Calibrate needs a HunyuanVideo (T2V) MODEL, but this MODEL is {kind}. Load "
+                         "hunyuan_video_t2v_720p_bf16.safetensors with 'Load Diffusion Model' and connect that.")
+    sd = base.diffusion_model.state_dict()
+    try:
+        dims = dims_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
+    except ValueError as e:
+        raise ValueError(f"QuantSparse Calibrate needs a HunyuanVideo (T2V) MODEL: {e}") from None
+    low = sorted({str(v.dtype) for k, v in sd.items() if k.endswith(".weight") and v.dtype not in FULL_DTYPES})
+    if low:
+        raise ValueError(f"QuantSparse Calibrate needs the full-precision model, but this MODEL's weights are {low} "
+                         "(already quantized, e.g. fp8 or a QuantSparse checkpoint). Load the BF16 file with "
+                         "'Load Diffusion Model' and weight_dtype 'default'.")
+    m = HunyuanVideo(dims, dtype=torch.bfloat16, device="meta")
+    m.load_state_dict({k: v.detach().to("cpu", torch.bfloat16) for k, v in sd.items()}, assign=True)
+    return m
+
+
+def output_name(name: str) -> str:
+    """``NAME.safetensors`` from the widget: a plain file name, never a path out of the folder."""
+    name = (name or "").strip()
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not _NAME.match(name) or ".." in name:
+        raise ValueError(f"file name {name!r} is not allowed: use letters, digits, '.', '_', '-' and spaces (no "
+                         "folders); the checkpoint is written to models/quantsparse/NAME.safetensors")
+    return name + ".safetensors"
+
+
+def conditionings(clip, prompts: str, conditioning, guidance: float) -> list[list]:
+    """One ComfyUI CONDITIONING per prompt: each non-empty line encoded by ``clip``, then each entry of
+    ``conditioning``; the embedded guidance set on all (what FluxGuidance does)."""
+    out = []
+    lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+    if lines and clip is None and conditioning is None:
+        raise ValueError("QuantSparse Calibrate got prompts but no CLIP to encode them: connect the CLIP of "
+                         "DualCLIPLoader (hunyuan_video), or a CONDITIONING")
+    if lines and clip is None:
+        log.warning("QuantSparse Calibrate: no CLIP connected, the %d prompt line(s) are not used", len(lines))
+    if clip is not None:
+        for line in lines:
+            out.append(clip.encode_from_tokens_scheduled(clip.tokenize(line)))
+    for entry in conditioning or []:
+        out.append([entry])
+    if not out:
+        raise ValueError("QuantSparse Calibrate needs prompts: write one per line (with a CLIP connected) or connect "
+                         "a CONDITIONING")
+    return [[[c[0], {**c[1], "guidance": guidance}] for c in cond] for cond in out]
+
+
+def capture(model, conds: list, *, width: int, height: int, frames: int, samples: int, steps: int, seed: int):
+    """Sample each prompt with ComfyUI's sampler up to its last planned step, recording the model's inputs."""
+    plan = capture_plan(samples, len(conds), steps)
+    wanted = steps_by_prompt(plan)
+    records: dict[tuple[int, int], dict] = {}
+    state = {"prompt": 0}
+
+    def wrapper(executor, x, timestep, context, y=None, txt_byt5=None, clip_fea=None, guidance=None,
+                attention_mask=None, *args, **kwargs):
+        to = kwargs.get("transformer_options") or (args[-1] if args and isinstance(args[-1], dict) else {})
+        sample_sigmas, sigmas = to.get("sample_sigmas"), to.get("sigmas")
+        if sample_sigmas is not None and sigmas is not None:
+            step = int((sample_sigmas.to(sigmas.device).float() - sigmas.float()[0]).abs().argmin())
+            if step in wanted.get(state["prompt"], ()) and (state["prompt"], step) not in records:
+                records[(state["prompt"], step)] = record(x, timestep, context, y, guidance, attention_mask)
+        return executor(x, timestep, context, y, txt_byt5, clip_fea, guidance, attention_mask, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
+    latent = torch.zeros(latent_shape(width, height, frames))
+    for p, cond in enumerate(conds):
+        if p not in wanted:
+            continue
+        state["prompt"] = p
+        noise = comfy.sample.prepare_noise(latent, seed + p)
+        comfy.sample.sample(m, noise, steps, 1.0, "euler", "simple", cond, cond, latent,
+                            last_step=max(wanted[p]) + 1, force_full_denoise=False, disable_pbar=True, seed=seed + p)
+    missing = [pt for pt in plan if (pt.prompt, pt.step) not in records]
+    if missing:
+        raise RuntimeError(f"the sampler did not reach {len(missing)} planned calibration step(s) (e.g. prompt "
+                           f"{missing[0].prompt} step {missing[0].step}); is another node replacing the model call?")
+    return [records[(pt.prompt, pt.step)] for pt in plan]
+
+
+class QuantSparseCalibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        d = CalibSettings()
+        return io.Schema(
+            node_id="QuantSparseCalibrate",
+            display_name="QuantSparse Calibrate",
+            category="QuantSparse",
+            description="Calibrates HunyuanVideo for QuantSparse with MSAD: samples the full model over your prompts, "
+                        "then learns smoothing and clipping block by block so that the quantized, sparse model keeps "
+                        "the full model's attention. Writes models/quantsparse/NAME.safetensors and returns the "
+                        "calibrated MODEL. Resumes where it stopped if queued again with the same settings.",
+            inputs=[
+                io.Model.Input("model", tooltip="BF16 HunyuanVideo T2V from 'Load Diffusion Model'."),
+                io.Clip.Input("clip", optional=True, tooltip="HunyuanVideo text encoders (DualCLIPLoader), to "
+                                                               "encode the prompts."),
+                io.String.Input("prompts", multiline=True, default=DEFAULT_PROMPTS,
+                                tooltip="Calibration prompts, one per line (needs the CLIP)."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Ready conditioning: each entry is used as one more prompt."),
+                io.Int.Input("width", default=848, min=16, max=4096, step=16),
+                io.Int.Input("height", default=480, min=16, max=4096, step=16),
+                io.Int.Input("frames", default=33, min=1, max=1025, step=4),
+                io.Int.Input("samples", default=20, min=1, max=1000,
+                             tooltip="Calibration samples: model calls recorded at steps spread over the schedule."),
+                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps of the capture runs."),
+                io.Combo.Input("bits", options=sorted(BIT_SCHEMES), default=d.bits),
+                io.Float.Input("density", default=d.density, min=0.01, max=1.0, step=0.01,
+                               tooltip="Sparse-attention density the blocks are calibrated at (1 = dense); "
+                                       "becomes the checkpoint's default."),
+                io.Int.Input("epochs", default=d.epochs, min=0, max=200),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.String.Input("file_name", default="hunyuan_video_msad_w4a8",
+                                tooltip="Written as models/quantsparse/NAME.safetensors."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
+                io.Float.Input("guidance", default=DEFAULT_GUIDANCE, min=0.0, max=100.0, step=0.1, advanced=True),
+                io.Float.Input("lambda_global", default=-1.0, min=-1.0, max=1e9, step=0.01, advanced=True,
+                               tooltip="Weight of the pooled-attention loss; -1 = normalised to the output loss."),
+                io.Float.Input("lambda_local", default=-1.0, min=-1.0, max=1e9, step=0.01, advanced=True,
+                               tooltip="Weight of the salient-query attention loss; -1 = normalised."),
+            ],
+            outputs=[io.Model.Output(tooltip="The calibrated QuantSparse model (as 'Load QuantSparse Model' loads it).")],
+            is_output_node=True,  # it writes a file: a graph of loaders and this node runs
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, model, prompts, width, height, frames, samples, steps, bits, density, epochs, seed, file_name,
+                overwrite, guidance, lambda_global, lambda_local, clip=None, conditioning=None) -> io.NodeOutput:
+        settings = CalibSettings(bits=bits, density=float(density), epochs=int(epochs), seed=int(seed),
+                                 lambda_global=None if lambda_global < 0 else float(lambda_global),
+                                 lambda_local=None if lambda_local < 0 else float(lambda_local))
+        latent_shape(width, height, frames)  # a bad size fails now, not after the capture
+        name = output_name(file_name)
+        dst = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        check_output(dst, overwrite)
+        full = full_model_of(model)
+        conds = conditionings(clip, prompts, conditioning, float(guidance))
+        recorded = capture(model, conds, width=width, height=height, frames=frames, samples=samples, steps=steps,
+                           seed=seed)
+        comfy.model_management.unload_all_models()  # calibration holds one block on the device, not the model
+        comfy.model_management.soft_empty_cache()
+        total = len(full.double_blocks) + len(full.single_blocks)
+        bar = comfy.utils.ProgressBar(total)
+        device = comfy.model_management.get_torch_device()
+        work = os.path.join(folder_paths.get_output_directory(), "quantsparse_work", name[: -len(".safetensors")])
+        info = CalibrationInfo(_base_name(model), len(conds), width, height, frames, steps, float(guidance))
+        options = RunOptions(device=str(device), progress=lambda n, t, key: bar.update_absolute(n, t),
+                             check_stop=comfy.model_management.throw_exception_if_processing_interrupted,
+                             log=log.info)
+        path, result, record_ = calibrate_to_file(full, recorded, settings, dst, info, work_dir=work,
+                                                  overwrite=overwrite, options=options)
+        del full
+        loaded, summary = load_quantsparse_model(str(path))
+        text = "\n".join([f"wrote models/{FOLDER}/{name}", *calibration_lines(record_), summary.text()])
+        return io.NodeOutput(loaded, ui=ui.PreviewText(text))
+
+
+def _base_name(model) -> str:
+    """The loaded file's name when ComfyUI kept it, for the provenance record."""
+    for attr in ("cached_patcher_init",):
+        init = getattr(model, attr, None)
+        if init and len(init) > 1 and init[1]:
+            first = init[1][0]
+            if isinstance(first, str):
+                return os.path.basename(first)
+    return "HunyuanVideo (ComfyUI MODEL)"
