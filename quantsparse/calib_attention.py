@@ -52,7 +52,7 @@ def temporal_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, t
 class CalibAttention:
     """An ``AttentionFn`` for one block call: dense or svg-sparse SDPA; keeps the q and k it saw.
 
-    ``token_mask`` None runs dense. ``temporal`` (bool ``[B, H]``) selects the heads whose video tokens are
+    ``token_mask`` None runs dense; a bool mask (True = computed) or its additive float form ``[L, L]``. ``temporal`` (bool ``[B, H]``) selects the heads whose video tokens are
     permuted frame-major around the masked call.
     """
 
@@ -71,8 +71,10 @@ class CalibAttention:
         bias = None if mask is None else mask.to(q.dtype)
         permuted = self.token_mask is not None and self.temporal is not None and bool(self.temporal.any())
         if self.token_mask is not None:
-            sparse = torch.zeros(self.token_mask.shape, dtype=q.dtype, device=q.device)
-            sparse.masked_fill_(~self.token_mask, float("-inf"))
+            sparse = self.token_mask
+            if sparse.dtype == torch.bool:
+                sparse = torch.zeros(sparse.shape, dtype=q.dtype, device=q.device).masked_fill_(~sparse, float("-inf"))
+            sparse = sparse.to(q.dtype)
             bias = sparse if bias is None else bias + sparse
         if permuted:
             q, k, v = (permute_heads(x, self.temporal, self.grid, self.txt_len) for x in (q, k, v))

@@ -162,9 +162,11 @@ def sample_losses(qblock: nn.Module, block_type: str, sample, target: Target, pe
     mask = None
     if settings.density < 1.0:
         key = (grid, txt_len)
-        if key not in token_masks:
-            token_masks[key] = band_token_mask(grid, txt_len, settings.density, settings.block_q, settings.block_k,
-                                               device=pe.device)
+        if key not in token_masks:  # the additive form, made once: a [L, L] mask is 400 MB at 848x480x33
+            keep = band_token_mask(grid, txt_len, settings.density, settings.block_q, settings.block_k,
+                                   device=pe.device)
+            dtype = sample["vec"].dtype
+            token_masks[key] = torch.zeros(keep.shape, dtype=dtype, device=pe.device).masked_fill_(~keep, float("-inf"))
         mask = token_masks[key]
     attn = CalibAttention(grid=grid, txt_len=txt_len, token_mask=mask, temporal=target.temporal)
     out = run_block(qblock, block_type, sample, pe, attn)
