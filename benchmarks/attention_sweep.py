@@ -21,7 +21,8 @@ from comfyui_quantsparse.kernels.sparse_attention import block_sparse_attention_
 
 # (block_q, block_k, num_warps, num_stages, K/V through TMA descriptors)
 CONFIGS = [(128, 64, 8, 3, False), (128, 64, 8, 3, True), (128, 64, 8, 2, True), (128, 64, 8, 4, True),
-           (128, 128, 8, 2, True), (128, 128, 8, 3, True), (64, 64, 4, 3, True), (128, 64, 4, 3, True)]
+           (128, 128, 8, 2, True), (128, 128, 8, 3, True), (128, 128, 8, 3, False), (128, 128, 8, 4, True),
+           (64, 64, 4, 3, True), (64, 64, 4, 3, False)]
 
 
 def main():

@@ -30,7 +30,7 @@ from _common import bench_ms, environment, rel_err, write_json  # noqa: E402
 from comfyui_quantsparse.quantsparse.masks import build_mask  # noqa: E402
 from comfyui_quantsparse.quantsparse.sparse_attention import masked_attention  # noqa: E402
 from comfyui_quantsparse.kernels.sparse_attention import (  # noqa: E402
-    block_mask, block_sparse_attention_triton, row_mask,
+    block_mask, block_sparse_attention_triton, complement_lists, row_mask,
 )
 
 HEADS, HEAD_DIM, TXT = 24, 128, 256
@@ -107,7 +107,7 @@ def run_length(l_img, args, gen):
 
     def row(density, mode, ms, err):
         rows.append(dict(L=l_img, density=density, mode=mode, ours_ms=ms, sdpa_default_ms=t_default,
-                         sdpa_cudnn_ms=t_cudnn, speedup_vs_best_dense=None if mode == "select" else best / ms,
+                         sdpa_cudnn_ms=t_cudnn, speedup_vs_best_dense=None if mode in ("select", "complement_lists") else best / ms,
                          rel_err=err))
         print(rows[-1], flush=True)
 
@@ -145,6 +145,11 @@ def run_length(l_img, args, gen):
             del o_d, res, o_s
             row(density, "refresh", bench_ms(lambda: product_step(
                 q, k, v, select(q, k, v, density, grid, bq, bk), grid, "refresh")), err_d)
+            row(density, "refresh_without_select", bench_ms(lambda: product_step(q, k, v, mask, grid, "refresh")),
+                err_d)
+            nkb = math.ceil(l_img / bk)
+            row(density, "complement_lists", bench_ms(lambda: complement_lists(mask.kv_blocks, mask.kv_counts, nkb)),
+                None)
     return rows
 
 

@@ -15,9 +15,9 @@ Four modes share one kernel:
   their log-sum-exp (:func:`merge_attention`) is dense attention: a SSAR refresh step then costs one
   dense pass instead of dense plus sparse, and yields the residual ``w_c * (O_c - O_s)`` exactly;
 - ``refresh``: the SSAR refresh step in one launch: each video query block runs its listed blocks,
-  keeps that sparse output, then continues the same online softmax over the complement (the gaps
-  between its sorted list entries) to the dense output. Returns the dense output and the float32
-  residual ``dense - sparse`` of the video rows: one dense pass, no complement lists, no merge.
+  keeps that sparse output, then continues the same online softmax over the complement (the
+  unlisted blocks) to the dense output. Returns the dense output and the float32
+  residual ``dense - sparse`` of the video rows: one dense pass, no merge.
 
 ``temporal`` (bool ``[B, H]``) with ``grid = (T, H, W)``: those heads' lists refer to the frame-major
 layout of SparseVideoGen's temporal heads (one spatial position across all frames, then the next);
@@ -331,8 +331,28 @@ if HAS_TRITON:
                        D, MASK, HAS_PAD)
 
     @triton.jit
-    def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, res_ptr, blk_ptr, cnt_ptr, pad_ptr, tmp_ptr,
-                            k_desc, v_desc, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+    def _attend_list(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, pad_base, b, h, list_base, n_list, txt_len,
+                     L_img, tflag, T, HW, skl, svl, qk_scale, BLOCK_K: tl.constexpr, D: tl.constexpr,
+                     MASK: tl.constexpr, HAS_PAD: tl.constexpr, HAS_TEMPORAL: tl.constexpr, USE_DESC: tl.constexpr):
+        """The video key blocks ``list_base[:n_list]``. With descriptors, (t, h, w)-order heads load by
+        TMA and temporal heads gather by pointers: two loops, one of them empty for each program, so
+        no branch sits inside a loop (the pipeliner needs straight-line loop bodies)."""
+        n_ptr = n_list
+        if USE_DESC:
+            n_ptr = tl.where(tflag, n_list, 0)
+            for i in range(0, n_list - n_ptr):
+                j = tl.load(list_base + i).to(tl.int32)
+                acc, m_i, l_i = _attend_video_desc(acc, m_i, l_i, q, k_desc, v_desc, pad_base, b, h, j, txt_len,
+                                                   L_img, qk_scale, BLOCK_K, D, MASK, HAS_PAD)
+        for i in range(0, n_ptr):
+            j = tl.load(list_base + i).to(tl.int32)
+            acc, m_i, l_i = _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img, tflag,
+                                          T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK, HAS_PAD, HAS_TEMPORAL)
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, res_ptr, blk_ptr, cnt_ptr, cblk_ptr, ccnt_ptr,
+                            pad_ptr, tmp_ptr, k_desc, v_desc, sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                             B, H, L, txt_len, n_txt_blocks, NQB, NKB, MAXK, T, HW, qk_scale,
                             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
                             MODE: tl.constexpr, HAS_PAD: tl.constexpr, MASK_VID: tl.constexpr,
@@ -341,7 +361,7 @@ if HAS_TRITON:
         # programs, started first); then the video query blocks, query block fastest, so that the
         # programs of one head run together and share its K/V in L2. MODE: 0 sparse, 1 dense,
         # 2 complement (the launcher passes the complement lists; no text keys, text rows empty),
-        # 3 refresh (sorted lists; sparse output kept in res, then the gaps; res = dense - sparse).
+        # 3 refresh (the lists, sparse output kept in res, then the complement lists; res = dense - sparse).
         pid = tl.program_id(0)
         n_txt_prog = n_txt_blocks * H * B
         is_txt = pid < n_txt_prog
@@ -400,42 +420,22 @@ if HAS_TRITON:
         n_list = 0
         if MODE != 1:
             n_list = tl.load(cnt_ptr + bh * NQB + qb, mask=pid >= n_txt_prog, other=0)
-            # With descriptors: (t, h, w)-order heads load by TMA, temporal heads gather by pointers;
-            # two loops, one of them empty for each program, so no branch sits inside a loop.
-            n_ptr = n_list
-            if USE_DESC:
-                n_ptr = tl.where(tflag, n_list, 0)
-                for i in range(0, n_list - n_ptr):
-                    j = tl.load(list_base + i).to(tl.int32)
-                    acc, m_i, l_i = _attend_video_desc(acc, m_i, l_i, q, k_desc, v_desc, pad_base, b, h, j, txt_len,
-                                                       L_img, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD)
-            for i in range(0, n_ptr):
-                j = tl.load(list_base + i).to(tl.int32)
-                acc, m_i, l_i = _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img, tflag,
-                                              T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD, HAS_TEMPORAL)
+            acc, m_i, l_i = _attend_list(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, pad_base, b, h, list_base,
+                                         n_list, txt_len, L_img, tflag, T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID,
+                                         HAS_PAD, HAS_TEMPORAL, USE_DESC)
         is_vid = pid >= n_txt_prog
         res_ptrs = res_ptr + (bh.to(tl.int64) * L_img + (rows - txt_len))[:, None] * D + cols[None, :]
         if MODE == 3:
-            # Keep the sparse output (float32, in res), then run the gaps between the sorted list entries:
-            # the same running max and sums continue, so the end state is dense attention.
+            # Keep the sparse output (float32, in res), then run the complement list: the same running
+            # max and sums continue, so the end state is dense attention.
             if is_vid:
                 o_s = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
                 tl.store(res_ptrs, o_s, mask=row_ok[:, None])
-            prev = n_list * 0 - 1
-            n_gaps = tl.where(is_vid, n_list + 1, 0)
-            for i in range(0, n_gaps):
-                nxt = tl.load(list_base + i, mask=i < n_list, other=NKB).to(tl.int32)
-                end_ptr = nxt
-                if USE_DESC:
-                    end_ptr = tl.where(tflag, nxt, prev + 1)
-                    for j in range(prev + 1, tl.where(tflag, prev + 1, nxt)):
-                        acc, m_i, l_i = _attend_video_desc(acc, m_i, l_i, q, k_desc, v_desc, pad_base, b, h, j,
-                                                           txt_len, L_img, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD)
-                for j in range(prev + 1, end_ptr):
-                    acc, m_i, l_i = _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img,
-                                                  tflag, T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD,
-                                                  HAS_TEMPORAL)
-                prev = nxt
+            n_comp = tl.load(ccnt_ptr + bh * NQB + qb, mask=is_vid, other=0)
+            acc, m_i, l_i = _attend_list(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, pad_base, b, h,
+                                         cblk_ptr + (bh.to(tl.int64) * NQB + qb) * NKB, n_comp, txt_len, L_img, tflag,
+                                         T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD, HAS_TEMPORAL,
+                                         USE_DESC)
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         o_base = o_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh
@@ -452,19 +452,26 @@ if HAS_TRITON:
 
 def complement_lists(kv_blocks: torch.Tensor, kv_counts: torch.Tensor, nkb: int, rows_per_chunk: int = 0):
     """(blocks, counts) listing, per query block, the video key blocks NOT in the given lists, in
-    ascending order: int16 [B, H, NQB, NKB] when NKB fits (half the memory; 165 MB at 118,800 tokens
-    and B = 2), counts int32. Built in chunks of query blocks so the int64 sort indices stay small."""
+    ascending order: int16 [B, H, NQB, NKB] when NKB fits (half the memory; 83 MB at 118,800 tokens),
+    counts int32. Each unlisted block goes to its rank among the unlisted ones (a cumulative sum, no
+    sort); entries past the count are 0. Built in chunks of query blocks to bound the temporaries."""
     lead = kv_blocks.shape[:3]
+    if lead[0] * lead[1] > 1 and kv_blocks.stride(0) == 0 and kv_blocks.stride(1) == 0 and bool((kv_counts == kv_counts[:1, :1]).all()):
+        # One list for every (batch, head) (svg's band is an expanded view): build it once.
+        blocks, counts = complement_lists(kv_blocks[:1, :1].contiguous(), kv_counts[:1, :1], nkb, rows_per_chunk)
+        return blocks.expand(*lead, nkb).contiguous(), counts.expand(*lead).contiguous()
     rows = math.prod(lead)
     dtype = torch.int16 if nkb < 2 ** 15 else torch.int32
-    out = torch.empty(rows, nkb, dtype=dtype, device=kv_blocks.device)
+    out = torch.zeros(rows, nkb + 1, dtype=dtype, device=kv_blocks.device)
     blk, cnt = kv_blocks.reshape(rows, -1), kv_counts.reshape(rows)
-    step = rows_per_chunk or max(1, (1 << 22) // max(1, nkb))
+    step = rows_per_chunk or max(1, (1 << 24) // max(1, nkb))
     for r0 in range(0, rows, step):
-        kept = block_mask(blk[r0:r0 + step], cnt[r0:r0 + step], nkb)
-        # A stable sort of the kept flags puts the unkept block indices first, in ascending order.
-        out[r0:r0 + step] = torch.sort(kept.to(torch.uint8), dim=-1, stable=True).indices.to(dtype)
-    return out.reshape(*lead, nkb), (nkb - kv_counts).to(torch.int32)
+        free = ~block_mask(blk[r0:r0 + step], cnt[r0:r0 + step], nkb)
+        rank = torch.where(free, free.cumsum(-1, dtype=torch.int32) - 1, nkb).long()  # listed -> spare column
+        n = free.shape[0]
+        out[r0:r0 + n].scatter_(1, rank, torch.arange(nkb, device=kv_blocks.device, dtype=dtype).expand(n, nkb))
+    counts = (nkb - block_mask(blk, cnt, nkb).sum(-1, dtype=torch.int32)).reshape(lead)
+    return out[:, :nkb].reshape(*lead, nkb).contiguous(), counts
 
 
 def default_config(interp: bool | None = None) -> dict:
@@ -495,7 +502,7 @@ def _descriptors(k, v, block_k):
 
 
 def _launch(q, k, v, out, lse, blocks, counts, maxk, txt_len, key_padding, sm_scale, mode, block_q, block_k,
-            nqb, nkb, config, res=None, temporal=None, grid=None) -> None:
+            nqb, nkb, config, res=None, temporal=None, grid=None, comp=None) -> None:
     """Runs the kernel into the given out / lse / res buffers (tests poison them to see every element written)."""
     bsz, heads, seq, d = q.shape
     n_txt = _num_blocks(txt_len, block_q)
@@ -510,20 +517,14 @@ def _launch(q, k, v, out, lse, blocks, counts, maxk, txt_len, key_padding, sm_sc
     descs = _descriptors(k, v, block_k) if use_desc is not False and (use_desc or _desc_default(q)) else None
     _sparse_attn_kernel[launch_grid](
         q, k, v, out, lse if lse is not None else out, res if res is not None else out,
-        blocks if blocks is not None else dummy, counts if counts is not None else dummy, pad,
+        blocks if blocks is not None else dummy, counts if counts is not None else dummy,
+        *(comp if comp is not None else (dummy, dummy)), pad,
         temporal.contiguous().view(torch.uint8) if has_temporal else dummy,
         *(descs if descs is not None else (k, v)), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         bsz, heads, seq, txt_len, n_txt, nqb, nkb, maxk, t_frames, hw, sm_scale * LOG2E,
         BLOCK_Q=block_q, BLOCK_K=block_k, D=d, MODE=_MODE_ID[mode], HAS_PAD=key_padding is not None,
         MASK_VID=(seq - txt_len) % block_k != 0, STORE_LSE=lse is not None, HAS_TEMPORAL=has_temporal,
         USE_DESC=descs is not None, **cfg)
-
-
-def sorted_lists(kv_blocks: torch.Tensor, kv_counts: torch.Tensor, nkb: int) -> torch.Tensor:
-    """The lists in ascending order with every entry past the count set to NKB (refresh mode walks the
-    gaps between consecutive entries)."""
-    valid = torch.arange(kv_blocks.shape[-1], device=kv_blocks.device) < kv_counts[..., None]
-    return torch.where(valid, kv_blocks, nkb).sort(dim=-1).values.to(torch.int32).contiguous()
 
 
 def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, txt_len, key_padding=None, sm_scale=None,
@@ -538,19 +539,20 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, txt_len, key
     out = torch.empty(bsz, heads, seq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, heads, seq, dtype=torch.float32, device=q.device) if return_lse else None
     res = torch.empty(bsz, heads, seq - txt_len, d, dtype=torch.float32, device=q.device) if mode == "refresh" else None
-    blocks = counts = None
+    blocks = counts = comp = None
     maxk = 0
     if mode == "sparse":
         blocks, counts, maxk = kv_blocks.contiguous(), kv_counts.contiguous(), kv_blocks.shape[3]
     elif mode == "refresh":
-        blocks, counts, maxk = sorted_lists(kv_blocks, kv_counts, nkb), kv_counts.contiguous(), kv_blocks.shape[3]
+        blocks, counts, maxk = kv_blocks.contiguous(), kv_counts.contiguous(), kv_blocks.shape[3]
+        comp = complement_lists(kv_blocks, kv_counts, nkb)
     elif mode == "complement":
         blocks, counts = complement_lists(kv_blocks, kv_counts, nkb)
         maxk = nkb
     if out.numel():
         _launch(q, k, v, out, lse, blocks, counts, maxk, txt_len, key_padding,
                 sm_scale if sm_scale is not None else 1.0 / math.sqrt(d), mode, block_q, block_k, nqb, nkb, config,
-                res, temporal, grid)
+                res, temporal, grid, comp)
     if mode == "refresh":
         return (out, res, lse) if return_lse else (out, res)
     return (out, lse) if return_lse else out

@@ -206,7 +206,8 @@ def test_refresh_is_dense_and_residual_in_one_pass(kernel_device, txt, l_img):
     r_out, r_res = block_sparse_attention_reference(q, k, v, blocks, counts, mode="refresh", **kw)
     assert float((res - r_res).abs().max()) < (4e-3 if dtype == torch.float16 else 3e-2)
     # the residual is dense - sparse (up to the two outputs' own rounding)
-    assert float((r_res - (dense.float() - sparse.float())[:, :, txt:]).abs().max()) < 2e-3
+    rounding = 2e-3 if dtype == torch.float16 else 1.6e-2  # two outputs rounded to 16 bits, |x| < 2
+    assert float((r_res - (dense.float() - sparse.float())[:, :, txt:]).abs().max()) < rounding
 
 
 def test_merge_attention_is_exact_in_float32():
@@ -316,11 +317,10 @@ def test_poisoned_buffers_fully_written(kernel_device):
         ref = block_sparse_attention_reference(q, k, v, blocks, counts, txt_len=txt, mode=mode, block_q=bq,
                                                block_k=bk)
         close(out, ref, dtype)
-    from comfyui_quantsparse.kernels.sparse_attention import sorted_lists
     out = torch.full_like(q, float("nan"))
     res = torch.full((1, 2, l_img, 128), float("nan"), device=q.device)
-    _launch(q, k, v, out, None, sorted_lists(blocks, counts, nkb), counts, blocks.shape[3], txt, None,
-            1 / math.sqrt(128), "refresh", bq, bk, nqb, nkb, None, res)
+    _launch(q, k, v, out, None, blocks, counts, blocks.shape[3], txt, None, 1 / math.sqrt(128), "refresh", bq, bk,
+            nqb, nkb, None, res, comp=comp)
     assert not torch.isnan(out).any() and not torch.isnan(res).any()
 
 
@@ -331,6 +331,17 @@ def test_complement_lists():
     assert ccounts.tolist() == [[[4, 5]]]
     assert comp[0, 0, 0, :4].tolist() == [1, 2, 4, 5]
     assert comp[0, 0, 1, :5].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_complement_lists_of_one_shared_band():
+    """svg's lists are one band expanded over (batch, head): built once, same result as row by row."""
+    band = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32)
+    shared = band.expand(2, 3, 3, 2)
+    counts = torch.full((2, 3, 3), 2, dtype=torch.int32)
+    comp, ccounts = complement_lists(shared, counts, 7)
+    full, fcounts = complement_lists(shared.contiguous(), counts, 7)
+    assert torch.equal(comp, full) and torch.equal(ccounts, fcounts) and comp.is_contiguous()
+    assert comp[1, 2, 1, :5].tolist() == [0, 1, 4, 5, 6]
 
 
 def test_dispatch_on_cpu_uses_reference(monkeypatch):
