@@ -157,7 +157,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/attention_h100.json")
     ap.add_argument("--block-q", type=int, default=128)
-    ap.add_argument("--block-k", type=int, default=64)
+    ap.add_argument("--block-k", type=int, default=128)
     ap.add_argument("--tokens", type=int, nargs="*", default=VIDEO_TOKENS)
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -39,7 +39,7 @@ class CalibSettings(JsonConfig):
     salient_tokens: int = 256
     density: float = 0.15
     block_q: int = 128
-    block_k: int = 64
+    block_k: int = 128  # the sampler's default (SparseConfig), so calibration sees the masks it will run
     seed: int = 0
 
     def __post_init__(self) -> None:

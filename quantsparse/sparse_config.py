@@ -53,7 +53,7 @@ class SparseConfig(JsonConfig):
     rank: int = 16
     ssar_order: int = 2
     block_q: int = 128
-    block_k: int = 64
+    block_k: int = 128  # 128x128 tiles with TMA: the fastest on the H100 (attention_sweep_*_h100.json)
     svg_sample_rows: int = 64
 
     def __post_init__(self) -> None:

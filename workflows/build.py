@@ -68,7 +68,7 @@ class Workflow:
 # The QuantSparse Sampler's knobs in the workflow: SparseConfig's defaults (the paper's HunyuanVideo
 # recipe: 15% density, a quarter of the steps dense, SSAR second order refreshed every 5 steps, rank 16),
 # in the node's widget order.
-SPARSE_KNOBS = [0.15, "svg", 0.25, 5, 16, 2, 128, 64]
+SPARSE_KNOBS = [0.15, "svg", 0.25, 5, 16, 2, 128, 128]
 
 
 def text_to_video(ckpt: str = "hunyuan_video_t2v_720p_w4a8.safetensors") -> Workflow:
