@@ -211,7 +211,7 @@ def test_sampling_is_deterministic_and_refresh_every_step_is_dense(proxy):
 def test_demo_runs_end_to_end_on_a_shrunken_setting(tmp_path, capsys):
     from comfyui_quantsparse.quantsparse.demo import main
 
-    rc = main(["--clips", "1", "--steps", "3", "--calib-clips", "1", "--calib-epochs", "1", "--out", str(tmp_path)])
+    rc = main(["--clips", "1", "--steps", "2", "--calib-clips", "1", "--calib-epochs", "1", "--out", str(tmp_path)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "PSNR" in text and "storage" in text and "achieved density" in text
