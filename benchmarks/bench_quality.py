@@ -160,6 +160,28 @@ def main(argv=None) -> int:
         return models[key]
 
     rows, skipped = [], []
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = Path(a.md) if a.md else out.with_suffix(".md")
+
+    def save(complete: bool) -> dict:
+        """Written after every row (atomically), so an interrupted run keeps what it measured."""
+        result = {
+            "date": datetime.date.today().isoformat(),
+            "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "torch": torch.__version__,
+            "weights": os.path.relpath(weights, HERE.parent) if weights.is_relative_to(HERE.parent) else str(weights),
+            "weights_sha256": sha256(weights),
+            "weights_card": f"{card.get('steps', '?')} training steps on {card.get('device', '?')}",
+            "clips": len(clips), "steps": a.steps, "calibration": calib_name,
+            "calibration_samples": len(calib_set.inputs) if calib_set else 0, "calibration_epochs": a.calib_epochs,
+            "complete": complete, "rows": rows, "skipped": skipped,
+        }
+        result["notes"] = targets(rows) + ([] if complete else ["Partial: the run is still going or was interrupted."])
+        _write(out, json.dumps(result, indent=1) + "\n")
+        _write(md, markdown(result))
+        return result
+
     for method, bits, density, variant, ssar in plan(a.bits, DENSITIES, have_msad):
         if variant in ("msad", "no-global", "no-local") and not have_msad:
             skipped.append(f"{method} {bits} {density:.2f} (no MSAD calibration available)")
@@ -177,24 +199,9 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{method:24s} {bits:5s} d={density:.2f}  PSNR {q.psnr:6.2f}  SSIM {q.ssim:.4f}  ({secs:.2f} s/clip)",
               flush=True)
+        save(complete=False)
 
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "weights": os.path.relpath(weights, HERE.parent) if weights.is_relative_to(HERE.parent) else str(weights),
-        "weights_sha256": sha256(weights),
-        "weights_card": f"{card.get('steps', '?')} training steps on {card.get('device', '?')}",
-        "clips": len(clips), "steps": a.steps, "calibration": calib_name,
-        "calibration_samples": len(calib_set.inputs) if calib_set else 0, "calibration_epochs": a.calib_epochs,
-        "rows": rows, "skipped": skipped,
-    }
-    result["notes"] = targets(rows)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write(out, json.dumps(result, indent=1) + "\n")
-    md = Path(a.md) if a.md else out.with_suffix(".md")
-    _write(md, markdown(result))
+    result = save(complete=True)
     print("\n".join(result["notes"]))
     print(f"wrote {out} and {md}")
     return 0

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=ps.DEFAULT_STEPS, help="Euler steps per clip")
     p.add_argument("--bits", default="w4a8", choices=["w4a8", "w6a6", "w8a8"])
     p.add_argument("--density", type=float, default=0.15, help="sparse attention density")
-    p.add_argument("--calibrate", default="auto", help="'auto' (MSAD if available, else rtn), 'rtn', or 'module:function'")
+    p.add_argument("--calibrate", default="auto",
+                   help="'auto' (MSAD if available, else rtn), 'rtn', or 'module:function'")
     p.add_argument("--calib-clips", type=int, default=2, help="clips whose dense trajectories calibrate")
     p.add_argument("--calib-epochs", type=int, default=5,
                    help="calibration epochs (default 5 to stay within minutes on a CPU; the paper's recipe is 15)")
@@ -171,7 +172,8 @@ def apng(frames, delay_ms: int = 100) -> bytes:
 
 def calibration_svg(report: Optional[dict], errors: dict, title: str) -> str:
     """A hand-written SVG (no plotting dependency): calibration loss curves per block (if the calibration
-    reported them as ``{"losses": {block: [loss, ...]}}``) and the per-block relative output error."""
+    reported them as ``{"losses": {block: [loss, ...]}, "x_label": ...}``) and the per-block relative output
+    error."""
     w, h, pad = 900, 360, 50
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{2 * h}" font-family="sans-serif" '
              f'font-size="12"><rect width="100%" height="100%" fill="white"/>']
@@ -189,7 +191,9 @@ def calibration_svg(report: Optional[dict], errors: dict, title: str) -> str:
                            for i, v in enumerate(seq))
             parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}"/>')
             parts.append(f'<text x="{w - pad + 4}" y="{pad + 14 * j}" fill="{colour}">{_esc(name)}</text>')
-        parts.append(f'<text x="{pad}" y="{h - pad + 20}">step (log scale {10 ** lo:.2g} .. {10 ** hi:.2g})</text>')
+        xl = _esc((report or {}).get("x_label", "step"))
+        parts.append(f'<text x="{pad}" y="{h - pad + 20}">{xl} (loss on a log scale, '
+                     f'{10 ** lo:.2g} .. {10 ** hi:.2g})</text>')
     else:
         parts.append(f'<text x="{pad}" y="{h // 2}">no calibration losses: round-to-nearest needs no data '
                      f'(MSAD reports its losses here once it is used)</text>')

@@ -59,13 +59,14 @@ def calibrate_proxy(model: HunyuanVideo, qconfig: QuantSparseConfig, calib: Cali
         parent, _, child = name.rpartition(".")
         setattr(quant.get_submodule(parent) if parent else quant, child, q)
     quantize_model(quant, qconfig)  # what calibration does not touch (the text refiner): round-to-nearest
-    quant.calibration_report = {"losses": {k: _curve(m) for k, m in result.blocks.items()}, "blocks": result.blocks}
+    quant.calibration_report = {"losses": {k: _curve(m) for k, m in result.blocks.items()}, "blocks": result.blocks,
+                                "x_label": "round-to-nearest, initialisation, calibrated"}
     return quant.eval()
 
 
 def _curve(metrics: dict) -> list:
-    """A block's loss curve if the calibration recorded one, else its (round-to-nearest, final) totals."""
-    for key in ("loss_curve", "losses", "history"):
-        if isinstance(metrics.get(key), list):
-            return [float(v) for v in metrics[key]]
-    return [float(metrics[s]["out"]) for s in ("rtn", "final") if isinstance(metrics.get(s), dict)]
+    """A block's MSAD loss (output + lambda_g * global + lambda_l * local) at round-to-nearest, at the
+    initialisation and after calibration: what ``calibrate_block`` records."""
+    lg, ll = float(metrics.get("lambda_global") or 0.0), float(metrics.get("lambda_local") or 0.0)
+    return [float(metrics[s]["out"]) + lg * float(metrics[s]["global"]) + ll * float(metrics[s]["local"])
+            for s in ("rtn", "init", "final") if isinstance(metrics.get(s), dict)]

@@ -92,7 +92,8 @@ def test_shipped_proxy_has_comfyui_names_detection_and_card():
     assert dims == pt.proxy_dims() and dims.head_dim == 128 and dims.num_heads == 2
     assert (dims.depth, dims.depth_single_blocks) == (2, 4)
     assert shapes == reference_state_shapes(dims)
-    assert any(k.startswith("vector_in.") for k in keys) and "txt_in.individual_token_refiner.blocks.0.norm1.weight" in keys
+    assert any(k.startswith("vector_in.") for k in keys)
+    assert "txt_in.individual_token_refiner.blocks.0.norm1.weight" in keys  # ComfyUI's HunyuanVideo trigger
     assert meta["steps"] > 0 and meta["loss_last"] < meta["loss_first"]
     assert (REPO / "models" / "proxy" / "CARD.md").is_file()
 
@@ -140,7 +141,8 @@ def test_psnr_on_known_inputs():
     assert float(metrics.psnr(y, x, 2.0)) == pytest.approx(10 * math.log10(4 * 64), abs=1e-9)
     batch = torch.stack([y, x + 0.25])
     got = metrics.psnr(batch, torch.stack([x, x]), 1.0)
-    assert got.shape == (2,) and got[0] == pytest.approx(10 * math.log10(64)) and got[1] == pytest.approx(10 * math.log10(16))
+    assert got.shape == (2,)
+    assert got[0] == pytest.approx(10 * math.log10(64)) and got[1] == pytest.approx(10 * math.log10(16))
 
 
 def _ssim_bruteforce(a: torch.Tensor, b: torch.Tensor, data_range: float) -> float:

@@ -123,7 +123,8 @@ def dense_vs_quantsparse(unet: str = "hunyuan_video_t2v_720p_bf16.safetensors",
     real-ComfyUI test substitutes them and the text encoder, as for the text-to-video workflow).
     """
     w = Workflow()
-    dense = w.node("UNETLoader", (0, 0), [unet, "default"], outputs=[("MODEL", "MODEL")], title="Load Diffusion Model (BF16)")
+    dense = w.node("UNETLoader", (0, 0), [unet, "default"], outputs=[("MODEL", "MODEL")],
+                   title="Load Diffusion Model (BF16)")
     quant = w.node("QuantSparseLoader", (0, 160), [ckpt], outputs=[("MODEL", "MODEL")], title="Load QuantSparse Model")
     clip = w.node("DualCLIPLoader", (0, 320), ["clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors",
                                                "hunyuan_video", "default"], outputs=[("CLIP", "CLIP")])
@@ -147,8 +148,9 @@ def dense_vs_quantsparse(unet: str = "hunyuan_video_t2v_720p_bf16.safetensors",
                       outputs=[("IMAGE", "IMAGE")])
     decode_q = w.node("VAEDecodeTiled", (1440, 300), [256, 64, 64, 8], inputs=[("samples", "LATENT"), ("vae", "VAE")],
                       outputs=[("IMAGE", "IMAGE")])
-    stitch = w.node("ImageStitch", (1800, 0), ["right", True, 8, "white"], inputs=[("image1", "IMAGE"), ("image2", "IMAGE")],
-                    outputs=[("IMAGE", "IMAGE")], title="Dense | QuantSparse")
+    stitch = w.node("ImageStitch", (1800, 0), ["right", True, 8, "white"],
+                    inputs=[("image1", "IMAGE"), ("image2", "IMAGE")], outputs=[("IMAGE", "IMAGE")],
+                    title="Dense | QuantSparse")
     video = w.node("CreateVideo", (2160, 0), [24.0, 8], inputs=[("images", "IMAGE")], outputs=[("VIDEO", "VIDEO")])
     save = w.node("SaveVideo", (2520, 0), ["video/dense_vs_QuantSparse", "auto", "auto"], inputs=[("video", "VIDEO")])
     w.link(dense, 0, shift_d, "model")
