@@ -224,7 +224,7 @@ def sparse_attention_call(run: SparseRun, q: torch.Tensor, k: torch.Tensor, v: t
         raise ValueError(f"{block_type} block {block_index}: latent grid {tuple(grid)} ({t * hh * ww} tokens) does "
                          f"not match the {img_len} video tokens after {txt_len} text tokens of this call")
     kind = run.kind(step)
-    if kind != DENSE and q.dtype not in (torch.float16, torch.bfloat16):
+    if (kind != DENSE or dense is None) and q.dtype not in (torch.float16, torch.bfloat16):
         # The block-sparse kernel runs in 16-bit (ComfyUI on CPU computes in float32): run it in bf16.
         out = sparse_attention_call(run, q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16),
                                     block_type=block_type, block_index=block_index, step=step, grid=grid,
