@@ -72,9 +72,14 @@ def _sparse_attention(model: HunyuanVideo, run: SparseRun, step: int, grid, img_
         if block_type not in ("double", "single"):
             return model.attention(q, k, v, mask=mask, block_type=block_type, block_index=block_index)
         kp = key_padding_from_mask(mask, q.shape[0], q.shape[2])
+
+        def dense():  # warm-up steps: the model's own dense attention (SDPA), as the node chains to ComfyUI's
+            m = None if mask is None else mask.to(q.dtype)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
         out = sparse_attention_call(run, q, k, v, block_type=block_type, block_index=block_index, step=step,
                                     grid=grid, txt_len=q.shape[2] - img_len, cond_rows=list(range(q.shape[0]))
-                                    if q.shape[0] > 1 else [0], key_padding=kp)
+                                    if q.shape[0] > 1 else [0], key_padding=kp, dense=dense)
         b, h, n, d = out.shape
         return out.transpose(1, 2).reshape(b, n, h * d)
     return attn

@@ -115,9 +115,28 @@ def test_dense_vs_quantsparse_workflow_runs_on_the_proxy(proxy_in_comfy):
 
     entry = server.run(prompt)
     assert succeeded(entry)
-    a, b = _latent(server, entry, "90").float(), _latent(server, entry, "91").float()
+    a, b = _latent(server, entry, "90").float() * SCALE, _latent(server, entry, "91").float() * SCALE
     assert a.shape == b.shape == (1, 16, 5, 16, 16)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    assert not torch.equal(a, b)  # W4A8 and sparse attention change the result ...
-    cos = float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
-    assert cos > 0.8, cos  # ... but it is the same clip (same seed and conditioning)
+    assert not torch.equal(a, b)  # W4A8 and sparse attention change the result
+
+    # Both halves are what the torch pipeline of the demo and the benchmark computes with the same settings
+    # (float32 model, as ComfyUI runs on a CPU; round-to-nearest W4A8 = what `convert` wrote): the figures
+    # measured there are this workflow's. The sparse path differs a little (ComfyUI computes the quantized
+    # model's other layers in its own way), so the QuantSparse half has a looser bound than the dense one.
+    from comfyui_quantsparse.quantsparse import proxy_data as pd
+    from comfyui_quantsparse.quantsparse import proxy_sample as ps
+    from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
+    from comfyui_quantsparse.quantsparse.proxy_train import load_proxy
+
+    knobs = prompt[quant]["inputs"]
+    sparse = ps.proxy_sparse_config(knobs["density"], ssar_order=knobs["ssar_order"], mask_mode=knobs["mask_mode"],
+                                    dense_warmup=knobs["dense_warmup"], refresh_interval=knobs["refresh_interval"],
+                                    rank=knobs["rank"])
+    clip, cond = ps.Clip(pd.prompt_for(0), knobs["seed"]), _test_conditioning(1, 4)
+    model = load_proxy(dtype=torch.float32)
+    ours_dense = ps.sample_clip(model, clip, steps=knobs["steps"], condition=cond).latent
+    ours_qs = ps.sample_clip(ps.rtn_calibrate(model, QuantSparseConfig(bits="w4a8")), clip, steps=knobs["steps"],
+                             condition=cond, sparse=sparse).latent
+    assert float((a[0] - ours_dense).norm() / ours_dense.norm()) < 1e-3
+    assert float((b[0] - ours_qs).norm() / ours_qs.norm()) < 0.1
