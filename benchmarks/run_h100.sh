@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the benchmarks; everything lands in $OUT.
-# Usage on the device machine: bash benchmarks/run_h100.sh [tests] [linear] [sweep] [sweep-act] [gluon] [attention] [attention-sweep] [ssar] [comfyui]
+# Usage on the device machine: bash benchmarks/run_h100.sh [tests] [linear] [sweep] [sweep-act] [gluon] [attention] [attention-sweep] [ssar] [comfyui] [e2e]
 # comfyui: the in-process ComfyUI tests on CUDA; needs a ComfyUI checkout carried as .comfyui and
 # wheels of what the device image lacks (comfy-kitchen, comfy-aimdo, einops, psutil, pyyaml) in .whl;
 # PyAV, imported by ComfyUI's V3 API for video I/O only, may be stubbed in .comfyui/_stubs.
+# e2e: ComfyUI's HunyuanVideo-13B, dense BF16 vs QuantSparse (e2e_h100.json, e2e_profile_h100.json); same
+# carried .comfyui and .whl as comfyui; about 6 minutes.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -18,6 +20,7 @@ for what in "$@"; do
     sweep) python3 benchmarks/bench_linear.py --sweep all --tokens --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
     sweep-act) python3 benchmarks/bench_linear.py --sweep act --tokens --out "$OUT/sweep_act.json" 2>&1 | tee "$OUT/sweep_act.log" ;;
     comfyui) PYTHONPATH="$PWD/.comfyui/_stubs:$PYTHONPATH" COMFYUI_DIR="$PWD/.comfyui" python3 -m pytest -q -m comfyui tests/comfyui/test_comfyui_inprocess.py tests/test_hunyuan_vs_comfyui.py -p no:cacheprovider -rs 2>&1 | tee "$OUT/comfyui.log" ;;
+    e2e) PYTHONPATH="$PWD/.comfyui/_stubs:$PYTHONPATH" COMFYUI_DIR="$PWD/.comfyui" python3 benchmarks/bench_e2e.py --out "$OUT" 2>&1 | tee "$OUT/e2e.log" ;;
     attention-sweep) python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" 2>&1 | tee "$OUT/attention_sweep.log" ;;
     ssar) python3 benchmarks/ssar_cache.py --out "$OUT/ssar_cache.json" 2>&1 | tee "$OUT/ssar.log" ;;
     attention) python3 benchmarks/bench_attention.py --out "$OUT/attention_h100.json" 2>&1 | tee "$OUT/attention.log" ;;
