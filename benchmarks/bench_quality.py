@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "quality_proxy.json"))
     p.add_argument("--md", default=None, help="markdown table (default: --out with .md)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of an unfinished --out made with the same weights, clips, steps and calibration")
     a = p.parse_args(argv)
     if a.quick:
         a.seeds, a.steps, a.bits = min(a.seeds, 4), min(a.steps, 8), ["w4a8"]
@@ -163,6 +165,16 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     md = Path(a.md) if a.md else out.with_suffix(".md")
+    if a.resume and out.is_file():
+        old = json.loads(out.read_text())
+        same = {"weights_sha256": sha256(weights), "clips": len(clips), "steps": a.steps, "calibration": calib_name,
+                "calibration_epochs": a.calib_epochs}
+        if all(old.get(k) == v for k, v in same.items()):
+            rows = [r for r in old["rows"] if r["bits"] in a.bits + ["bf16"]]
+            print(f"resuming: {len(rows)} rows kept from {out}", flush=True)
+        else:
+            print(f"not resuming: {out} was made with other settings", flush=True)
+    done = {(r["method"], r["bits"], r["density"]) for r in rows}
 
     def save(complete: bool) -> dict:
         """Written after every row (atomically), so an interrupted run keeps what it measured."""
@@ -183,6 +195,8 @@ def main(argv=None) -> int:
         return result
 
     for method, bits, density, variant, ssar in plan(a.bits, DENSITIES, have_msad):
+        if (method, bits, density) in done:
+            continue
         if variant in ("msad", "no-global", "no-local") and not have_msad:
             skipped.append(f"{method} {bits} {density:.2f} (no MSAD calibration available)")
             continue
