@@ -116,6 +116,11 @@ class _Stream(torch.utils.data.Dataset):
         return bt.latent, bt.context, bt.pooled
 
 
+def _one_thread(_worker: int) -> None:
+    """Data workers render on one thread each (12 workers x torch's default threads would oversubscribe)."""
+    torch.set_num_threads(1)
+
+
 @dataclass
 class TrainConfig:
     minutes: float = 10.0
@@ -173,7 +178,7 @@ def train(cfg: TrainConfig, *, model: Optional[HunyuanVideo] = None, log=print) 
                                                  (cfg.latent_frames, cfg.latent_size)),
                                          batch_size=None, shuffle=False, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
-                                         persistent_workers=False)
+                                         persistent_workers=False, worker_init_fn=_one_thread)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     budget = cfg.minutes * 60.0
     start = time.perf_counter()
