@@ -301,8 +301,11 @@ if HAS_TRITON:
         """Keys at rows ``toks`` (always in bounds: loads are unmasked), those with ``ok`` False masked
         out when MASK."""
         cols = tl.arange(0, D)
-        k = tl.load(k_base + toks[:, None] * stride_kl + cols[None, :])
-        v = tl.load(v_base + toks[:, None] * stride_vl + cols[None, :])
+        # int64 offsets: ComfyUI's single blocks hand q, k, v as views of the fused linear1 output
+        # (row stride 21,504), and 118,800 tokens x 21,504 overflows int32.
+        toks64 = toks.to(tl.int64)
+        k = tl.load(k_base + toks64[:, None] * stride_kl + cols[None, :])
+        v = tl.load(v_base + toks64[:, None] * stride_vl + cols[None, :])
         keep = _keep(pad_base, toks, ok, MASK, HAS_PAD)
         return _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, MASK or HAS_PAD)
 
@@ -391,7 +394,7 @@ if HAS_TRITON:
             pos = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
             row_ok = pos < L_img
             rows = txt_len + _video_tokens(pos, tflag, T, HW, HAS_TEMPORAL)
-        q = tl.load(q_base + rows[:, None] * sql + cols[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_base + rows.to(tl.int64)[:, None] * sql + cols[None, :], mask=row_ok[:, None], other=0.0)
         m_i = tl.full([BLOCK_Q], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_Q], tl.float32)
         acc = tl.zeros([BLOCK_Q, D], tl.float32)
@@ -439,7 +442,8 @@ if HAS_TRITON:
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         o_base = o_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh
-        tl.store(o_base + rows[:, None] * sol + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(o_base + rows.to(tl.int64)[:, None] * sol + cols[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
         if MODE == 3:
             if is_vid:
                 tl.debug_barrier()  # the sparse output stored above, visible to the whole program

@@ -62,17 +62,45 @@ def step_kind(step: int, total_steps: int, config: SparseConfig) -> str:
 
 # ------------------------------------------------------------------------------ rank-r projection
 
-def top_directions(x: torch.Tensor, rank: int) -> torch.Tensor:
+_PROBES: dict = {}  # fixed random start blocks per (D, k, device): the result is deterministic
+
+
+def _orthonormal(v: torch.Tensor) -> torch.Tensor:
+    """Columns of ``v`` [..., D, k] orthonormalised by Cholesky QR in float64 (batched small ops only)."""
+    v = v.double()
+    gram = v.transpose(-1, -2) @ v
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    chol = torch.linalg.cholesky(gram + 1e-12 * gram.diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None] * eye)
+    return torch.linalg.solve_triangular(chol, v.transpose(-1, -2), upper=False).transpose(-1, -2)
+
+
+def top_directions(x: torch.Tensor, rank: int, *, oversample: int = 16, iters: int = 10) -> torch.Tensor:
     """float32 ``[..., D, rank]``: the top right singular vectors of each ``[..., L, D]`` matrix.
 
-    Through the ``D x D`` Gram matrix (``O(L D^2)``, D = 128) instead of an SVD of the tall ``L x D``
-    matrix: its eigenvectors are the right singular vectors, so projecting on the top ``rank`` of them
-    is exactly the rank-``rank`` SVD truncation.
+    Through the ``D x D`` Gram matrix G (``O(L D^2)``, D = 128): subspace iteration on G with
+    ``rank + oversample`` columns, then Rayleigh-Ritz (an eigendecomposition of a k x k matrix, k <= 32
+    in the product). A batched eigendecomposition of 128 x 128 matrices runs one matrix at a time on
+    the GPU (~3 ms each: 9 s per refresh step over 60 blocks at 30,210 tokens on the H100); these small
+    batched products, Cholesky factorisations and k x k problems do not. With k = D the subspace is
+    everything and the result is exact; otherwise the error falls as (s_{k+1} / s_rank)^(4 iters).
     """
     xf = x.float()
-    gram = xf.transpose(-1, -2) @ xf
-    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
-    return vecs[..., -rank:]
+    gram = (xf.transpose(-1, -2) @ xf).double()
+    d = gram.shape[-1]
+    k = min(d, rank + oversample)
+    if k == d:
+        basis = torch.eye(d, dtype=gram.dtype, device=gram.device).expand_as(gram)
+    else:
+        key = (d, k, str(gram.device))
+        if key not in _PROBES:
+            g = torch.Generator().manual_seed(0)
+            _PROBES[key] = torch.randn(d, k, generator=g, dtype=torch.float64).to(gram.device)
+        basis = _orthonormal(gram @ _PROBES[key])
+        for _ in range(iters - 1):
+            basis = _orthonormal(gram @ basis)
+    ritz = basis.transpose(-1, -2) @ gram @ basis
+    _, vecs = torch.linalg.eigh((ritz + ritz.transpose(-1, -2)) / 2)  # ascending eigenvalues
+    return (basis @ vecs[..., -rank:]).float()
 
 
 def rank_projection(x: torch.Tensor, rank: int) -> torch.Tensor:

@@ -454,3 +454,26 @@ def test_gpu_dispatch_and_strided_input():
     out = block_sparse_attention(qs, ks, vs, blocks, counts, txt_len=txt)
     ref = block_sparse_attention_reference(q, k, v, blocks, counts, txt_len=txt)
     close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_720p_strided_views_all_modes():
+    """HunyuanVideo 720p as ComfyUI's single blocks hand it: 24 heads, 256 text + 118,800 video tokens,
+    q/k/v as views of one fused [B, L, 21504] linear output (row stride 21,504: token x stride
+    overflows int32); svg selection, then every mode. Same results as on contiguous copies (the
+    strides only change addressing), and nothing out of bounds."""
+    from comfyui_quantsparse.quantsparse.masks import build_mask
+    from comfyui_quantsparse.quantsparse.sparse_attention import masked_attention
+    grid, txt = (33, 45, 80), 256
+    seq = txt + math.prod(grid)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    fused = torch.randn(1, seq, 3 * 3072 + 12288, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q, k, v = (fused[..., i * 3072:(i + 1) * 3072].view(1, seq, 24, 128).transpose(1, 2) for i in range(3))
+    mask = build_mask(q, k, v, mode="svg", grid=grid, txt_len=txt, density=0.15, block_q=128, block_k=128)
+    contiguous = [x.contiguous() for x in (q, k, v)]
+    for mode in ("sparse", "refresh", "dense"):
+        got = masked_attention(q, k, v, mask, grid=grid, txt_len=txt, mode=mode)
+        torch.cuda.synchronize()
+        ref = masked_attention(*contiguous, mask, grid=grid, txt_len=txt, mode=mode)
+        got, ref = (got[0], ref[0]) if mode == "refresh" else (got, ref)
+        assert torch.isfinite(got).all() and torch.equal(got, ref), mode
