@@ -130,6 +130,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     weights = Path(a.weights)
     dense = load_proxy(weights)
+    weights_sha = sha256(weights)  # once: the file may change or go while the run goes on
     card = json.loads(_metadata(weights).get("quantsparse_proxy", "{}"))
     clips = ps.benchmark_clips(a.seeds)
     calib_name, calibrate = find_calibrate(a.calibrate)
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
     md = Path(a.md) if a.md else out.with_suffix(".md")
     if a.resume and out.is_file():
         old = json.loads(out.read_text())
-        same = {"weights_sha256": sha256(weights), "clips": len(clips), "steps": a.steps, "calibration": calib_name,
+        same = {"weights_sha256": weights_sha, "clips": len(clips), "steps": a.steps, "calibration": calib_name,
                 "calibration_epochs": a.calib_epochs}
         if all(old.get(k) == v for k, v in same.items()):
             rows = [r for r in old["rows"] if r["bits"] in a.bits + ["bf16"]]
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
             "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
             "torch": torch.__version__,
             "weights": os.path.relpath(weights, HERE.parent) if weights.is_relative_to(HERE.parent) else str(weights),
-            "weights_sha256": sha256(weights),
+            "weights_sha256": weights_sha,
             "weights_card": f"{card.get('steps', '?')} training steps on {card.get('device', '?')}",
             "clips": len(clips), "steps": a.steps, "calibration": calib_name,
             "calibration_samples": len(calib_set.inputs) if calib_set else 0, "calibration_epochs": a.calib_epochs,
