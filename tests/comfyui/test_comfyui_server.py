@@ -75,7 +75,7 @@ def test_loader_is_listed_with_only_safetensors(comfy_server, tiny_files):
     # The test-only node is there too, and the pack registered nothing else.
     all_nodes = comfy_server.get("/object_info")
     ours = {name for name, n in all_nodes.items() if PACK_MODULE_MARK in n.get("python_module", "")}
-    assert ours == {"QuantSparseLoader", "QuantSparseAttention", "QuantSparseSampler"}, ours
+    assert ours == {"QuantSparseLoader", "QuantSparseAttention", "QuantSparseSampler", "QuantSparseCalibrate"}, ours
     assert "QSTestConditioning" in all_nodes
 
 
