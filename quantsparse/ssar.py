@@ -70,7 +70,10 @@ def _orthonormal(v: torch.Tensor) -> torch.Tensor:
     v = v.double()
     gram = v.transpose(-1, -2) @ v
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    chol = torch.linalg.cholesky(gram + 1e-12 * gram.diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None] * eye)
+    # A relative ridge for rank-deficient blocks and an absolute one for all-zero ones (a zero residual):
+    # columns that carry nothing come out ~0 and take no part in the projection.
+    ridge = 1e-12 * gram.diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None] + 1e-200
+    chol = torch.linalg.cholesky(gram + ridge * eye)
     return torch.linalg.solve_triangular(chol, v.transpose(-1, -2), upper=False).transpose(-1, -2)
 
 

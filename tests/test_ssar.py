@@ -67,6 +67,15 @@ def test_rank_projection_equals_svd_truncation(rank):
     assert torch.allclose(rank_projection(x.float(), 128).double(), x, atol=1e-4)
 
 
+def test_rank_projection_of_zero_and_low_rank_matrices():
+    """A zero residual (nothing dropped) and one of rank below the requested rank project exactly."""
+    zero = torch.zeros(1, 2, 64, 128)
+    assert torch.equal(rank_projection(zero, 16), zero)
+    g = torch.Generator().manual_seed(3)
+    low = torch.randn(1, 2, 64, 3, generator=g) @ torch.randn(1, 2, 3, 128, generator=g)
+    assert torch.allclose(rank_projection(low, 16), low, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------ refresh / between
 
 @pytest.mark.parametrize("mode", ["svg", "topk"])
