@@ -34,6 +34,9 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="0: one weight scale per output channel (default); 128: one per 128 inputs (w4a8 only)")
     conv.add_argument("--no-rotate", action="store_true", help="skip the Hadamard rotation (for experiments)")
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    sub.add_parser("demo", add_help=False,
+                   help="the main job on the bundled proxy model: calibrate at W4A8, sample dense and with QuantSparse, "
+                        "print PSNR/SSIM, storage, density and time, write a side-by-side preview (see demo --help)")
     ins = sub.add_parser("inspect", help="validate a QuantSparse checkpoint and print its provenance and settings")
     ins.add_argument("file")
     ins.add_argument("--blocks", action="store_true", help="also print each block's calibration losses")
@@ -76,6 +79,10 @@ def _add_calibrate(sub) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # its own parser (quantsparse demo --help)
+        from .demo import main as demo_main
+        return demo_main(argv[1:])
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "convert":
