@@ -297,15 +297,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, toks, ok, stride_kl, stride_vl, qk_scale,
-                D: tl.constexpr, MASK: tl.constexpr, HAS_PAD: tl.constexpr):
+                D: tl.constexpr, MASK: tl.constexpr, HAS_PAD: tl.constexpr, I64: tl.constexpr):
         """Keys at rows ``toks`` (always in bounds: loads are unmasked), those with ``ok`` False masked
         out when MASK."""
         cols = tl.arange(0, D)
-        # int64 offsets: ComfyUI's single blocks hand q, k, v as views of the fused linear1 output
-        # (row stride 21,504), and 118,800 tokens x 21,504 overflows int32.
-        toks64 = toks.to(tl.int64)
-        k = tl.load(k_base + toks64[:, None] * stride_kl + cols[None, :])
-        v = tl.load(v_base + toks64[:, None] * stride_vl + cols[None, :])
+        # I64: ComfyUI's single blocks hand q, k, v as views of the fused linear1 output (row stride
+        # 21,504), and 118,800 tokens x 21,504 overflows int32 (int64 everywhere costs 3-6% on the H100).
+        if I64:
+            rows = toks.to(tl.int64)
+        else:
+            rows = toks
+        k = tl.load(k_base + rows[:, None] * stride_kl + cols[None, :])
+        v = tl.load(v_base + rows[:, None] * stride_vl + cols[None, :])
         keep = _keep(pad_base, toks, ok, MASK, HAS_PAD)
         return _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, MASK or HAS_PAD)
 
@@ -325,18 +328,19 @@ if HAS_TRITON:
     @triton.jit
     def _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img, tflag, T, HW, stride_kl,
                       stride_vl, qk_scale, BLOCK_K: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr,
-                      HAS_PAD: tl.constexpr, HAS_TEMPORAL: tl.constexpr):
+                      HAS_PAD: tl.constexpr, HAS_TEMPORAL: tl.constexpr, I64: tl.constexpr):
         """Video key block ``j`` of the kernel's layout; the ragged last block is clamped and masked."""
         pos = j * BLOCK_K + tl.arange(0, BLOCK_K)
         ok = pos < L_img
         toks = txt_len + _video_tokens(tl.minimum(pos, L_img - 1), tflag, T, HW, HAS_TEMPORAL)
         return _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, toks, ok, stride_kl, stride_vl, qk_scale,
-                       D, MASK, HAS_PAD)
+                       D, MASK, HAS_PAD, I64)
 
     @triton.jit
     def _attend_list(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, pad_base, b, h, list_base, n_list, txt_len,
                      L_img, tflag, T, HW, skl, svl, qk_scale, BLOCK_K: tl.constexpr, D: tl.constexpr,
-                     MASK: tl.constexpr, HAS_PAD: tl.constexpr, HAS_TEMPORAL: tl.constexpr, USE_DESC: tl.constexpr):
+                     MASK: tl.constexpr, HAS_PAD: tl.constexpr, HAS_TEMPORAL: tl.constexpr, USE_DESC: tl.constexpr,
+                     I64: tl.constexpr):
         """The video key blocks ``list_base[:n_list]``. With descriptors, (t, h, w)-order heads load by
         TMA and temporal heads gather by pointers: two loops, one of them empty for each program, so
         no branch sits inside a loop (the pipeliner needs straight-line loop bodies)."""
@@ -350,7 +354,7 @@ if HAS_TRITON:
         for i in range(0, n_ptr):
             j = tl.load(list_base + i).to(tl.int32)
             acc, m_i, l_i = _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img, tflag,
-                                          T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK, HAS_PAD, HAS_TEMPORAL)
+                                          T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK, HAS_PAD, HAS_TEMPORAL, I64)
         return acc, m_i, l_i
 
     @triton.jit
@@ -359,7 +363,8 @@ if HAS_TRITON:
                             B, H, L, txt_len, n_txt_blocks, NQB, NKB, MAXK, T, HW, qk_scale,
                             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
                             MODE: tl.constexpr, HAS_PAD: tl.constexpr, MASK_VID: tl.constexpr,
-                            STORE_LSE: tl.constexpr, HAS_TEMPORAL: tl.constexpr, USE_DESC: tl.constexpr):
+                            STORE_LSE: tl.constexpr, HAS_TEMPORAL: tl.constexpr, USE_DESC: tl.constexpr,
+                            I64: tl.constexpr):
         # Programs 0 .. B*H*n_txt_blocks - 1 are text query blocks (dense over all keys, the longest
         # programs, started first); then the video query blocks, query block fastest, so that the
         # programs of one head run together and share its K/V in L2. MODE: 0 sparse, 1 dense,
@@ -394,7 +399,11 @@ if HAS_TRITON:
             pos = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
             row_ok = pos < L_img
             rows = txt_len + _video_tokens(pos, tflag, T, HW, HAS_TEMPORAL)
-        q = tl.load(q_base + rows.to(tl.int64)[:, None] * sql + cols[None, :], mask=row_ok[:, None], other=0.0)
+        if I64:
+            q_rows = rows.to(tl.int64)
+        else:
+            q_rows = rows
+        q = tl.load(q_base + q_rows[:, None] * sql + cols[None, :], mask=row_ok[:, None], other=0.0)
         m_i = tl.full([BLOCK_Q], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_Q], tl.float32)
         acc = tl.zeros([BLOCK_Q, D], tl.float32)
@@ -402,7 +411,7 @@ if HAS_TRITON:
             for key0 in range(0, txt_len, BLOCK_K):
                 keys = key0 + tl.arange(0, BLOCK_K)
                 acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, tl.minimum(keys, txt_len - 1),
-                                        keys < txt_len, skl, svl, qk_scale, D, True, HAS_PAD)
+                                        keys < txt_len, skl, svl, qk_scale, D, True, HAS_PAD, I64)
         # Two loops, each empty for the other kind of program, so neither has a branch inside: every
         # key block for text rows (and in dense mode), the listed blocks for video rows otherwise.
         if MODE == 1:
@@ -418,14 +427,14 @@ if HAS_TRITON:
         else:
             for j in range(0, n_all):
                 acc, m_i, l_i = _attend_video(acc, m_i, l_i, q, k_base, v_base, pad_base, j, txt_len, L_img, False,
-                                              T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD, False)
+                                              T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD, False, I64)
         list_base = blk_ptr + (bh.to(tl.int64) * NQB + qb) * MAXK
         n_list = 0
         if MODE != 1:
             n_list = tl.load(cnt_ptr + bh * NQB + qb, mask=pid >= n_txt_prog, other=0)
             acc, m_i, l_i = _attend_list(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, pad_base, b, h, list_base,
                                          n_list, txt_len, L_img, tflag, T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID,
-                                         HAS_PAD, HAS_TEMPORAL, USE_DESC)
+                                         HAS_PAD, HAS_TEMPORAL, USE_DESC, I64)
         is_vid = pid >= n_txt_prog
         res_ptrs = res_ptr + (bh.to(tl.int64) * L_img + (rows - txt_len))[:, None] * D + cols[None, :]
         if MODE == 3:
@@ -438,11 +447,11 @@ if HAS_TRITON:
             acc, m_i, l_i = _attend_list(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, pad_base, b, h,
                                          cblk_ptr + (bh.to(tl.int64) * NQB + qb) * NKB, n_comp, txt_len, L_img, tflag,
                                          T, HW, skl, svl, qk_scale, BLOCK_K, D, MASK_VID, HAS_PAD, HAS_TEMPORAL,
-                                         USE_DESC)
+                                         USE_DESC, I64)
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         o_base = o_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh
-        tl.store(o_base + rows.to(tl.int64)[:, None] * sol + cols[None, :], out.to(o_ptr.dtype.element_ty),
+        tl.store(o_base + q_rows[:, None] * sol + cols[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
         if MODE == 3:
             if is_vid:
@@ -531,7 +540,8 @@ def _launch(q, k, v, out, lse, blocks, counts, maxk, txt_len, key_padding, sm_sc
         bsz, heads, seq, txt_len, n_txt, nqb, nkb, maxk, t_frames, hw, sm_scale * LOG2E,
         BLOCK_Q=block_q, BLOCK_K=block_k, D=d, MODE=_MODE_ID[mode], HAS_PAD=key_padding is not None,
         MASK_VID=(seq - txt_len) % block_k != 0, STORE_LSE=lse is not None, HAS_TEMPORAL=has_temporal,
-        USE_DESC=descs is not None, **cfg)
+        USE_DESC=descs is not None, I64=seq * max(q.stride(2), k.stride(2), v.stride(2), out.stride(2)) >= 2 ** 31,
+        **cfg)
 
 
 def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, txt_len, key_padding=None, sm_scale=None,

@@ -477,3 +477,33 @@ def test_gpu_720p_strided_views_all_modes():
         ref = masked_attention(*contiguous, mask, grid=grid, txt_len=txt, mode=mode)
         got, ref = (got[0], ref[0]) if mode == "refresh" else (got, ref)
         assert torch.isfinite(got).all() and torch.equal(got, ref), mode
+
+
+@pytest.mark.parametrize("mode", ["sparse", "refresh"])
+def test_int64_offsets_path_matches_reference(mode, monkeypatch):
+    """The int64-offset specialisation (taken when tokens x row stride pass 2^31) computes the same:
+    forced on here by a fake 2^31 threshold."""
+    import comfyui_quantsparse.kernels.sparse_attention as sa
+    if not torch.cuda.is_available() and not interpreting():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = kernel_dtype(device)
+    q, k, v, temporal, grid, txt = _temporal_case(device, dtype, seed=41)
+    blocks, counts = random_lists(2, 3, math.prod(grid), 16, 16, 0.4, device, seed=42)
+    kw = dict(txt_len=txt, block_q=16, block_k=16, mode=mode, temporal=temporal, grid=grid)
+    plain = block_sparse_attention_triton(q, k, v, blocks, counts, **kw)
+    calls = []
+    real = sa._sparse_attn_kernel
+
+    class Spy:
+        def __getitem__(self, launch_grid):
+            def launch(*args, **kwargs):
+                calls.append(kwargs["I64"])
+                kwargs["I64"] = True
+                return real[launch_grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(sa, "_sparse_attn_kernel", Spy())
+    wide = block_sparse_attention_triton(q, k, v, blocks, counts, **kw)
+    assert calls == [False]
+    for a, b in zip(plain if mode == "refresh" else [plain], wide if mode == "refresh" else [wide]):
+        assert torch.equal(a, b)
