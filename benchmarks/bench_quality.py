@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from comfyui_quantsparse.quantsparse import proxy_sample as ps
+from comfyui_quantsparse.quantsparse.atomic_io import write_text
 from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
 from comfyui_quantsparse.quantsparse.proxy_eval import compare, find_calibrate
 from comfyui_quantsparse.quantsparse.proxy_train import DEFAULT_PATH, load_proxy
@@ -191,8 +192,8 @@ def main(argv=None) -> int:
             "complete": complete, "rows": rows, "skipped": skipped,
         }
         result["notes"] = targets(rows) + ([] if complete else ["Partial: the run is still going or was interrupted."])
-        _write(out, json.dumps(result, indent=1) + "\n")
-        _write(md, markdown(result))
+        write_text(out, json.dumps(result, indent=1) + "\n")
+        write_text(md, markdown(result))
         return result
 
     for method, bits, density, variant, ssar in plan(a.bits, DENSITIES, have_msad):
@@ -227,12 +228,6 @@ def _metadata(path: Path) -> dict:
 
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import proxy_data as pdata
+from .atomic_io import write_bytes, write_text
 from . import proxy_sample as ps
 from .config import QuantSparseConfig
 from .proxy_eval import block_errors, calibration_report, compare, find_calibrate, model_bytes
@@ -98,14 +99,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gif = write_preview(out, refs, tests)
     errs = block_errors(dense, quant, calib.inputs[:: max(1, len(calib.inputs) // 4)])
     plot = out / "calibration.svg"
-    _atomic_text(plot, calibration_svg(calibration_report(quant), errs, f"{calib_name} {a.bits}"))
+    write_text(plot, calibration_svg(calibration_report(quant), errs, f"{calib_name} {a.bits}"))
     summary = {"weights": str(a.weights), "calibration": calib_name, "bits": a.bits, "density": a.density,
                "clips": [{"prompt": c.prompt.text, "seed": c.seed} for c in clips], "steps": a.steps,
                "psnr": q.psnr, "ssim": q.ssim, "psnr_per_clip": q.psnr_per_clip, "ssim_per_clip": q.ssim_per_clip,
                "dense_bytes": bd, "quantsparse_bytes": bq, "achieved_density": sum(dens) / len(dens),
                "calibration_seconds": t_cal, "seconds_per_clip": {"dense": t_d, "quantsparse": t_q},
                "block_errors": errs}
-    _atomic_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     print(f"\nwrote {gif}, {plot} and {out / 'summary.json'}")
     return 0
 
@@ -134,7 +135,7 @@ def write_preview(out: Path, refs, tests) -> Path:
         from PIL import Image
     except ImportError:
         path = out / "side_by_side.png"
-        _atomic_bytes(path, apng(frames, delay_ms=120))
+        write_bytes(path, apng(frames, delay_ms=120))
         return path
     path = out / "side_by_side.gif"
     imgs = [Image.fromarray(f) for f in frames]
@@ -216,16 +217,6 @@ def calibration_svg(report: Optional[dict], errors: dict, title: str) -> str:
 
 def _esc(s: str) -> str:
     return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    _atomic_bytes(path, text.encode())
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

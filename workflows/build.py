@@ -71,34 +71,27 @@ class Workflow:
 SPARSE_KNOBS = [0.15, "svg", 0.25, 5, 16, 2, 128, 128]
 
 
-def text_to_video(ckpt: str = "hunyuan_video_t2v_720p_w4a8.safetensors") -> Workflow:
-    """A QuantSparse checkpoint sampled by the QuantSparse Sampler (848x480, 73 frames, 20 steps).
-
-    HunyuanVideo T2V is guidance-distilled: the guidance goes in through FluxGuidance and cfg is 1.0, so
-    ComfyUI runs no uncond pass; the zeroed negative only fills the sampler's KSampler-style input.
-    """
-    w = Workflow()
-    model = w.node("QuantSparseLoader", (0, 0), [ckpt], outputs=[("MODEL", "MODEL")], title="Load QuantSparse Model")
-    clip = w.node("DualCLIPLoader", (0, 180), ["clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors",
-                                                "hunyuan_video", "default"], outputs=[("CLIP", "CLIP")])
-    vae = w.node("VAELoader", (0, 380), ["hunyuan_video_vae_bf16.safetensors"], outputs=[("VAE", "VAE")])
-    text = w.node("CLIPTextEncode", (360, 180), ["a red fox running through fresh snow, golden hour, cinematic"],
+def sample_to_video(w: Workflow, model: int, clip: int, vae: int, *, y: int, x: int, prefix: str) -> None:
+    """The shared tail: prompt -> FluxGuidance (positive) and its zeroed copy (negative), shift 7, the
+    QuantSparse Sampler at 848x480x73 and 20 steps, tiled VAE decode, video saved under ``prefix``.
+    ``model`` / ``clip`` / ``vae`` are the nodes whose output 0 feeds it; ``x``, ``y`` place the column."""
+    text = w.node("CLIPTextEncode", (x, y + 180), ["a red fox running through fresh snow, golden hour, cinematic"],
                   inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")])
-    guidance = w.node("FluxGuidance", (720, 180), [6.0], inputs=[("conditioning", "CONDITIONING")],
+    guidance = w.node("FluxGuidance", (x + 360, y + 180), [6.0], inputs=[("conditioning", "CONDITIONING")],
                       outputs=[("CONDITIONING", "CONDITIONING")])
-    negative = w.node("ConditioningZeroOut", (720, 300), inputs=[("conditioning", "CONDITIONING")],
+    negative = w.node("ConditioningZeroOut", (x + 360, y + 300), inputs=[("conditioning", "CONDITIONING")],
                       outputs=[("CONDITIONING", "CONDITIONING")])
-    shift = w.node("ModelSamplingSD3", (360, 0), [7.0], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")])
-    latent = w.node("EmptyHunyuanLatentVideo", (720, 420), [848, 480, 73, 1], outputs=[("LATENT", "LATENT")])
+    shift = w.node("ModelSamplingSD3", (x, 0), [7.0], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")])
+    latent = w.node("EmptyHunyuanLatentVideo", (x + 360, y + 420), [848, 480, 73, 1], outputs=[("LATENT", "LATENT")])
     # seed (+ its control_after_generate widget), steps, cfg, sampler_name, scheduler, denoise, then the knobs
-    sample = w.node("QuantSparseSampler", (1080, 0), [42, "fixed", 20, 1.0, "euler", "simple", 1.0] + SPARSE_KNOBS,
+    sample = w.node("QuantSparseSampler", (x + 720, 0), [42, "fixed", 20, 1.0, "euler", "simple", 1.0] + SPARSE_KNOBS,
                     inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                             ("latent_image", "LATENT")],
                     outputs=[("LATENT", "LATENT")], title="QuantSparse Sampler")
-    decode = w.node("VAEDecodeTiled", (1440, 0), [256, 64, 64, 8], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+    decode = w.node("VAEDecodeTiled", (x + 1080, 0), [256, 64, 64, 8], inputs=[("samples", "LATENT"), ("vae", "VAE")],
                     outputs=[("IMAGE", "IMAGE")])
-    video = w.node("CreateVideo", (1800, 0), [24.0, 8], inputs=[("images", "IMAGE")], outputs=[("VIDEO", "VIDEO")])
-    save = w.node("SaveVideo", (2160, 0), ["video/QuantSparse", "auto", "auto"], inputs=[("video", "VIDEO")])
+    video = w.node("CreateVideo", (x + 1440, 0), [24.0, 8], inputs=[("images", "IMAGE")], outputs=[("VIDEO", "VIDEO")])
+    save = w.node("SaveVideo", (x + 1800, 0), [prefix, "auto", "auto"], inputs=[("video", "VIDEO")])
     w.link(model, 0, shift, "model")
     w.link(clip, 0, text, "clip")
     w.link(text, 0, guidance, "conditioning")
@@ -111,6 +104,20 @@ def text_to_video(ckpt: str = "hunyuan_video_t2v_720p_w4a8.safetensors") -> Work
     w.link(vae, 0, decode, "vae")
     w.link(decode, 0, video, "images")
     w.link(video, 0, save, "video")
+
+
+def text_to_video(ckpt: str = "hunyuan_video_t2v_720p_w4a8.safetensors") -> Workflow:
+    """A QuantSparse checkpoint sampled by the QuantSparse Sampler (848x480, 73 frames, 20 steps).
+
+    HunyuanVideo T2V is guidance-distilled: the guidance goes in through FluxGuidance and cfg is 1.0, so
+    ComfyUI runs no uncond pass; the zeroed negative only fills the sampler's KSampler-style input.
+    """
+    w = Workflow()
+    model = w.node("QuantSparseLoader", (0, 0), [ckpt], outputs=[("MODEL", "MODEL")], title="Load QuantSparse Model")
+    clip = w.node("DualCLIPLoader", (0, 180), ["clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors",
+                                                "hunyuan_video", "default"], outputs=[("CLIP", "CLIP")])
+    vae = w.node("VAELoader", (0, 380), ["hunyuan_video_vae_bf16.safetensors"], outputs=[("VAE", "VAE")])
+    sample_to_video(w, model, clip, vae, y=0, x=360, prefix="video/QuantSparse")
     return w
 
 
@@ -195,36 +202,9 @@ def calibration(unet: str = "hunyuan_video_t2v_720p_bf16.safetensors") -> Workfl
                     6.0, -1.0, -1.0],
                    inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")],
                    title="QuantSparse Calibrate")
-    text = w.node("CLIPTextEncode", (360, 420), ["a red fox running through fresh snow, golden hour, cinematic"],
-                  inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")])
-    guidance = w.node("FluxGuidance", (720, 420), [6.0], inputs=[("conditioning", "CONDITIONING")],
-                      outputs=[("CONDITIONING", "CONDITIONING")])
-    negative = w.node("ConditioningZeroOut", (720, 540), inputs=[("conditioning", "CONDITIONING")],
-                      outputs=[("CONDITIONING", "CONDITIONING")])
-    shift = w.node("ModelSamplingSD3", (720, 0), [7.0], inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")])
-    latent = w.node("EmptyHunyuanLatentVideo", (720, 660), [848, 480, 73, 1], outputs=[("LATENT", "LATENT")])
-    sample = w.node("QuantSparseSampler", (1080, 0), [42, "fixed", 20, 1.0, "euler", "simple", 1.0] + SPARSE_KNOBS,
-                    inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                            ("latent_image", "LATENT")],
-                    outputs=[("LATENT", "LATENT")], title="QuantSparse Sampler")
-    decode = w.node("VAEDecodeTiled", (1440, 0), [256, 64, 64, 8], inputs=[("samples", "LATENT"), ("vae", "VAE")],
-                    outputs=[("IMAGE", "IMAGE")])
-    video = w.node("CreateVideo", (1800, 0), [24.0, 8], inputs=[("images", "IMAGE")], outputs=[("VIDEO", "VIDEO")])
-    save = w.node("SaveVideo", (2160, 0), ["video/QuantSparse_calibrated", "auto", "auto"], inputs=[("video", "VIDEO")])
     w.link(model, 0, calib, "model")
     w.link(clip, 0, calib, "clip")
-    w.link(clip, 0, text, "clip")
-    w.link(calib, 0, shift, "model")
-    w.link(text, 0, guidance, "conditioning")
-    w.link(text, 0, negative, "conditioning")
-    w.link(shift, 0, sample, "model")
-    w.link(guidance, 0, sample, "positive")
-    w.link(negative, 0, sample, "negative")
-    w.link(latent, 0, sample, "latent_image")
-    w.link(sample, 0, decode, "samples")
-    w.link(vae, 0, decode, "vae")
-    w.link(decode, 0, video, "images")
-    w.link(video, 0, save, "video")
+    sample_to_video(w, calib, clip, vae, y=240, x=720, prefix="video/QuantSparse_calibrated")
     return w
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from .test_comfyui_server import succeeded
 from .test_comfyui_workflows import only
-from .workflow_api import to_api
+from .workflow_api import assert_links_resolve, to_api
 
 pytestmark = pytest.mark.comfyui
 
@@ -47,10 +47,7 @@ def calibration_prompt(server, tiny_files, name=NAME, overwrite=False) -> tuple[
     prompt[save] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": "qs_calib/t2v"}}
     prompt[only(prompt, "EmptyHunyuanLatentVideo")]["inputs"].update(width=64, height=64, length=5)
     prompt[sampler]["inputs"].update(steps=2, block_q=16, block_k=16)
-    for node in prompt.values():
-        for value in node["inputs"].values():
-            if isinstance(value, list):
-                assert value[0] in prompt, f"{node['class_type']} reads removed node {value[0]}"
+    assert_links_resolve(prompt)
     return prompt, calib
 
 

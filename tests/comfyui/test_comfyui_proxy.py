@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from .test_comfyui_server import succeeded
 from .test_comfyui_workflows import only
-from .workflow_api import to_api
+from .workflow_api import assert_links_resolve, to_api
 
 pytestmark = pytest.mark.comfyui
 
@@ -108,10 +108,7 @@ def test_dense_vs_quantsparse_workflow_runs_on_the_proxy(proxy_in_comfy):
     for s in (dense, quant):
         prompt[s]["inputs"]["steps"] = 8
     prompt[quant]["inputs"].update(block_q=16, block_k=16)
-    for node in prompt.values():
-        for value in node["inputs"].values():
-            if isinstance(value, list):
-                assert value[0] in prompt, f"{node['class_type']} reads removed node {value[0]}"
+    assert_links_resolve(prompt)
 
     entry = server.run(prompt)
     assert succeeded(entry)

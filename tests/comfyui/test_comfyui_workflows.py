@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from .test_comfyui_server import succeeded
 from .test_comfyui_sparse import summary
-from .workflow_api import CONTROL, to_api, widget_inputs
+from .workflow_api import CONTROL, assert_links_resolve, to_api, widget_inputs
 
 pytestmark = pytest.mark.comfyui
 
@@ -98,10 +98,7 @@ def test_text_to_video_workflow_runs_with_the_tiny_model(comfy_server, tiny_file
     changed = {"steps", "block_q", "block_k"}
     ours, theirs = prompt[sampler]["inputs"], shipped[sampler]["inputs"]
     assert {k: v for k, v in ours.items() if k not in changed} == {k: v for k, v in theirs.items() if k not in changed}
-    for node in prompt.values():
-        for value in node["inputs"].values():
-            if isinstance(value, list):
-                assert value[0] in prompt, f"{node['class_type']} reads removed node {value[0]}"
+    assert_links_resolve(prompt)
 
     entry = comfy_server.run(prompt)
     assert succeeded(entry)

@@ -60,3 +60,11 @@ def to_api(graph: dict, object_info: dict) -> dict:
                 inputs[inp["name"]] = list(sources[inp["link"]])  # a link overrides a widget turned into an input
         prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs}
     return prompt
+
+
+def assert_links_resolve(prompt: dict) -> None:
+    """Every linked input of an API prompt points at a node still in it (after a test's substitutions)."""
+    for node in prompt.values():
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                assert value[0] in prompt, f"{node['class_type']} reads removed node {value[0]}"
