@@ -163,8 +163,7 @@ class QuantSparseCalibrate(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps of the capture runs."),
                 io.Combo.Input("bits", options=sorted(BIT_SCHEMES), default=d.bits),
                 io.Float.Input("density", default=d.density, min=0.01, max=1.0, step=0.01,
-                               tooltip="Sparse-attention density the blocks are calibrated at (1 = dense); "
-                                       "becomes the checkpoint's default."),
+                               tooltip="Sampling density written into the checkpoint as its default."),
                 io.Int.Input("epochs", default=d.epochs, min=0, max=200),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
                 io.String.Input("file_name", default="hunyuan_video_msad_w4a8",
@@ -175,6 +174,10 @@ class QuantSparseCalibrate(io.ComfyNode):
                                tooltip="Weight of the pooled-attention loss; -1 = normalised to the output loss."),
                 io.Float.Input("lambda_local", default=-1.0, min=-1.0, max=1e9, step=0.01, advanced=True,
                                tooltip="Weight of the salient-query attention loss; -1 = normalised."),
+                io.Boolean.Input("sparse_calibration", default=False, advanced=True,
+                                 tooltip="Calibrate under the sparse mask at 'density'. Only for sampling with SSAR "
+                                         "off: SSAR adds the dropped attention back, so the default dense "
+                                         "calibration is far better with it."),
             ],
             outputs=[io.Model.Output(tooltip="The calibrated QuantSparse model (as 'Load QuantSparse Model' loads it).")],
             is_output_node=True,  # it writes a file: a graph of loaders and this node runs
@@ -183,8 +186,10 @@ class QuantSparseCalibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, prompts, width, height, frames, samples, steps, bits, density, epochs, seed, file_name,
-                overwrite, guidance, lambda_global, lambda_local, clip=None, conditioning=None) -> io.NodeOutput:
-        settings = CalibSettings(bits=bits, density=float(density), epochs=int(epochs), seed=int(seed),
+                overwrite, guidance, lambda_global, lambda_local, sparse_calibration=False, clip=None,
+                conditioning=None) -> io.NodeOutput:
+        settings = CalibSettings(bits=bits, density=float(density), sparse_attention=bool(sparse_calibration),
+                                 epochs=int(epochs), seed=int(seed),
                                  lambda_global=None if lambda_global < 0 else float(lambda_global),
                                  lambda_local=None if lambda_local < 0 else float(lambda_local))
         latent_shape(width, height, frames)  # a bad size fails now, not after the capture

@@ -3,7 +3,8 @@
 For each sample the full-precision block runs once, dense: its outputs are the targets (and the
 next block's inputs), its q and k give the MSAD targets (pooled map, salient rows) and its q, k, v
 choose each head's svg pattern. Then a copy of the block with every quantized Linear replaced by a
-``FakeQuantLinear`` runs with svg-sparse attention at the target density and learns smoothing and
+``FakeQuantLinear`` runs with dense attention (or svg-sparse attention at the target density, when
+``settings.sparse_attention``: see ``calib_settings``) and learns smoothing and
 clipping against ``MSE(out) + lambda_g * L_global + lambda_l * L_local`` with AdamW under a cosine
 schedule, ``epochs`` passes over the samples in a seeded order. One block is on the device at a time;
 samples and targets stay on the host unless they fit ``device_cache_bytes``.
@@ -146,7 +147,7 @@ def full_model_targets(block: nn.Module, block_type: str, sample: dict[str, torc
     bias = sample.get("mask")
     idx = salient_indices(saliency(q, k, bias), settings.salient_tokens)
     temporal = None
-    if settings.density < 1.0:
+    if settings.masked:
         temporal = temporal_heads(q, k, v, grid=grid, txt_len=txt_len, density=settings.density,
                                   block_q=settings.block_q, block_k=settings.block_k, bias=bias)
     return Target({k_: v_.detach() for k_, v_ in out.items()}, pooled_attention(q, k, settings.pool_stride),
@@ -160,7 +161,7 @@ def sample_losses(qblock: nn.Module, block_type: str, sample, target: Target, pe
     """(output MSE, L_global, L_local) of the quantized block on one device sample."""
     grid, txt_len = geometry(sample)
     mask = None
-    if settings.density < 1.0:
+    if settings.masked:
         key = (grid, txt_len)
         if key not in token_masks:  # the additive form, made once: a [L, L] mask is 400 MB at 848x480x33
             keep = band_token_mask(grid, txt_len, settings.density, settings.block_q, settings.block_k,

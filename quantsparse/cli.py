@@ -68,7 +68,10 @@ def _add_calibrate(sub) -> None:
     cal.add_argument("--guidance", type=float, default=6.0, help="embedded guidance (default 6.0)")
     cal.add_argument("--bits", choices=sorted(BIT_SCHEMES), default=d.bits)
     cal.add_argument("--density", type=float, default=d.density,
-                     help=f"sparse-attention density the blocks are calibrated at (default {d.density}; 1 = dense)")
+                     help=f"default sampling density written into the checkpoint (default {d.density})")
+    cal.add_argument("--sparse-calibration", action="store_true",
+                     help="calibrate the blocks under the sparse mask at --density (only for sampling without SSAR: "
+                          "with SSAR, the default dense calibration is far better)")
     cal.add_argument("--epochs", type=int, default=d.epochs)
     cal.add_argument("--lambda-global", type=float, default=None, help="default: normalised to the output loss")
     cal.add_argument("--lambda-local", type=float, default=None, help="default: normalised to the output loss")
@@ -144,7 +147,8 @@ def _calibrate(args) -> int:
     from .calibrate import RunOptions
     from .capture import sample_and_capture
 
-    settings = CalibSettings(bits=args.bits, density=args.density, epochs=args.epochs,
+    settings = CalibSettings(bits=args.bits, density=args.density, sparse_attention=args.sparse_calibration,
+                             epochs=args.epochs,
                              lambda_global=args.lambda_global, lambda_local=args.lambda_local, seed=args.seed)
     check_output(args.dst, args.overwrite)  # before an hour of work, not after
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

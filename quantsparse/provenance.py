@@ -74,7 +74,8 @@ def calibration_lines(calibration: Optional[Mapping[str, Any]]) -> list[str]:
         f"{c.get('samples', '?')} samples at {res.get('width', '?')}x{res.get('height', '?')}x{res.get('frames', '?')} "
         f"({c.get('sampling_steps', '?')} sampling steps), {c.get('epochs', '?')} epochs, seed {s.get('seed', '?')}, "
         f"{_fmt(c.get('seconds', '?'))} s on {c.get('device', '?')} ({c.get('date', '?')})",
-        f"  settings: density {s.get('density', '?')}, lr {s.get('lr_smooth', '?')}/{s.get('lr_clip', '?')} "
+        f"  settings: density {s.get('density', '?')}, attention during calibration "
+        f"{'sparse' if s.get('sparse_attention') else 'dense'}, lr {s.get('lr_smooth', '?')}/{s.get('lr_clip', '?')} "
         f"(smoothing/clipping), lambdas {_lam(s.get('lambda_global'))}/{_lam(s.get('lambda_local'))} "
         f"(global/local), pooling stride {s.get('pool_stride', '?')}, {s.get('salient_tokens', '?')} salient tokens",
     ]

@@ -39,7 +39,8 @@ class SparseConfig(JsonConfig):
       SparseVideoGen's HunyuanVideo schedule, which the paper's SVG speedups match (paper notes 3, 9.14).
     - ``refresh_interval``: SSAR recomputes dense attention every this many steps (paper: 5).
     - ``rank``: rank r of the second-order correction's projection (paper: 16), at most the head size.
-    - ``ssar_order``: 0 off, 1 first order (cache D), 2 second order (cache D + rank-r(D - D_prev)).
+    - ``ssar_order``: 0 off, 1 first order (cache D), 2 second order (cache D + w rank-r(D - D_prev),
+      ``ssar.extrapolation_weight``).
     - ``block_q`` / ``block_k``: video tokens per query / key block of the kernel and of the masks.
     - ``svg_sample_rows``: query rows computed densely to choose each head's svg pattern (SVG: 64).
     """

@@ -10,6 +10,7 @@ from comfyui_quantsparse.quantsparse.sparse_attention import masked_attention
 from comfyui_quantsparse.quantsparse.sparse_config import SparseConfig
 from comfyui_quantsparse.quantsparse.ssar import (
     DENSE, EXACT_LAYOUT, REFRESH, SPARSE, CacheLayout, SSARState, cache_bytes_for, correction_error,
+    extrapolation_weight,
     merged_residual, rank_projection, step_kind, warmup_steps,
 )
 
@@ -67,6 +68,15 @@ def test_rank_projection_equals_svd_truncation(rank):
     assert torch.allclose(rank_projection(x.float(), 128).double(), x, atol=1e-4)
 
 
+def test_extrapolation_weight_is_the_window_mean_of_a_linear_change():
+    """Step j of a window of tau needs j / tau of the last interval's change; one cached tensor gets the mean."""
+    for tau in (1, 2, 5, 10):
+        sparse_steps = range(1, tau)
+        want = sum(j / tau for j in sparse_steps) / len(sparse_steps) if tau > 1 else 0.0
+        assert extrapolation_weight(tau) == pytest.approx(want)
+    assert extrapolation_weight(1) == 0.0  # every step refreshes: nothing to extrapolate
+
+
 def test_rank_projection_of_zero_and_low_rank_matrices():
     """A zero residual (nothing dropped) and one of rank below the requested rank project exactly."""
     zero = torch.zeros(1, 2, 64, 128)
@@ -98,7 +108,7 @@ def test_refresh_returns_dense_and_between_is_sparse_plus_exact_correction(mode)
     out = st.refresh(KEY, d2, s2, txt_len=TXT)
     assert torch.equal(out, d2)
     D2 = (d2 - s2)[:, :, TXT:]
-    C2 = D2 + rank_projection(D2 - D1, 4)
+    C2 = D2 + extrapolation_weight(cfg.refresh_interval) * rank_projection(D2 - D1, 4)
     assert torch.allclose(st.correction(KEY), C2, atol=1e-5)
     between = st.correct(KEY, s3, txt_len=TXT)
     assert torch.allclose(between[:, :, TXT:], s3[:, :, TXT:] + C2, atol=1e-5)

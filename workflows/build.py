@@ -196,10 +196,11 @@ def calibration(unet: str = "hunyuan_video_t2v_720p_bf16.safetensors") -> Workfl
         "a hot air balloon drifting over green hills at sunrise, aerial shot",
     ])
     # prompts, width, height, frames, samples, steps, bits, density, epochs, seed, file_name, overwrite,
-    # then the advanced guidance, lambda_global, lambda_local (-1 = normalised to the output loss)
+    # then the advanced guidance, lambda_global, lambda_local (-1 = normalised to the output loss),
+    # sparse_calibration (off: the sampler's SSAR restores dense attention)
     calib = w.node("QuantSparseCalibrate", (360, 0),
                    [prompts, 848, 480, 33, 20, 20, "w4a8", 0.15, 15, 0, "hunyuan_video_msad_w4a8", False,
-                    6.0, -1.0, -1.0],
+                    6.0, -1.0, -1.0, False],
                    inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")],
                    title="QuantSparse Calibrate")
     w.link(model, 0, calib, "model")
