@@ -86,7 +86,7 @@ def _orthonormal(v: torch.Tensor) -> torch.Tensor:
     # A relative ridge for rank-deficient blocks and an absolute one for all-zero ones (a zero residual):
     # columns that carry nothing come out ~0 and take no part in the projection.
     ridge = 1e-12 * gram.diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None] + 1e-200
-    chol = torch.linalg.cholesky(gram + ridge * eye)
+    chol, _ = torch.linalg.cholesky_ex(gram + ridge * eye)  # no error check: a host sync per call on the GPU
     return torch.linalg.solve_triangular(chol, v.transpose(-1, -2), upper=False).transpose(-1, -2)
 
 
@@ -101,7 +101,11 @@ def top_directions(x: torch.Tensor, rank: int, *, oversample: int = 16, iters: i
     everything and the result is exact; otherwise the error falls as (s_{k+1} / s_rank)^(4 iters).
     """
     xf = x.float()
-    gram = (xf.transpose(-1, -2) @ xf).double()
+    return top_directions_of_gram((xf.transpose(-1, -2) @ xf).double(), rank, oversample=oversample, iters=iters)
+
+
+def top_directions_of_gram(gram: torch.Tensor, rank: int, *, oversample: int = 16, iters: int = 10) -> torch.Tensor:
+    """``top_directions`` from the float64 Gram matrices ``[..., D, D]`` (several residuals in one batch)."""
     d = gram.shape[-1]
     k = min(d, rank + oversample)
     if k == d:
@@ -172,10 +176,11 @@ class Packed:
 
     @classmethod
     def pack(cls, x: torch.Tensor, rank: Optional[int], fp8: bool, dtype: torch.dtype,
-             device: Optional[torch.device] = None) -> "Packed":
+             device: Optional[torch.device] = None, directions: Optional[torch.Tensor] = None) -> "Packed":
+        """``directions``: x's top ``rank`` right singular vectors ``[..., D, rank]`` when already known."""
         v = None
         if rank is not None and rank < x.shape[-1]:
-            vr = top_directions(x, rank)
+            vr = directions if directions is not None else top_directions(x, rank)
             u = x.float() @ vr
             v = vr.transpose(-1, -2).contiguous()
         else:
@@ -339,9 +344,24 @@ class SSARState:
             w = extrapolation_weight(cfg.refresh_interval)
             c = d + w * rank_projection(d - old.d_prev.decode(d.device).float(), cfg.rank)
         host = torch.device("cpu") if lay.offload_d_prev else None
-        d_prev = Packed.pack(d, lay.d_rank, lay.fp8, dtype, device=host) if cfg.ssar_order == 2 else None
-        self.entries[key] = _Entry(Packed.pack(c, lay.c_rank, lay.fp8, dtype), d_prev, tuple(d.shape),
-                                   refreshes=(old.refreshes + 1 if old else 1))
+        c_dirs, d_dirs = self._directions(c, d)
+        d_prev = (Packed.pack(d, lay.d_rank, lay.fp8, dtype, device=host, directions=d_dirs)
+                  if cfg.ssar_order == 2 else None)
+        self.entries[key] = _Entry(Packed.pack(c, lay.c_rank, lay.fp8, dtype, directions=c_dirs), d_prev,
+                                   tuple(d.shape), refreshes=(old.refreshes + 1 if old else 1))
+
+    def _directions(self, c: torch.Tensor, d: torch.Tensor):
+        """(c's, d's) stored directions from ONE batched subspace iteration when both are factored (order 2):
+        the refresh step's cost is small batched launches, so one call instead of two saves half of them."""
+        lay, d_head = self.layout, d.shape[-1]
+        if self.config.ssar_order != 2 or lay.c_rank is None or lay.d_rank is None or \
+                max(lay.c_rank, lay.d_rank) >= d_head:
+            return None, None
+        rank = max(lay.c_rank, lay.d_rank)
+        cf, df = c.float(), d.float()
+        grams = torch.stack([cf.transpose(-1, -2) @ cf, df.transpose(-1, -2) @ df]).double()
+        dirs = top_directions_of_gram(grams, rank)  # ascending: the top r are the last r columns
+        return dirs[0][..., rank - lay.c_rank:], dirs[1][..., rank - lay.d_rank:]
 
     # -- between refreshes
     def correct(self, key: Hashable, o_sparse: torch.Tensor, *, txt_len: int) -> torch.Tensor:

@@ -113,6 +113,31 @@ def test_refresh_returns_dense_and_sparse_steps_add_the_cached_residual():
     assert (s["refresh_steps"], s["sparse_steps"], s["ssar"]["corrections"]) == (1, 1, 1)
 
 
+def test_refresh_with_the_callers_dense_pass_returns_it_and_caches_dense_minus_sparse():
+    """With a dense callable (ComfyUI's attention) a refresh returns that output and caches O_d - O_s of the
+    video rows; the next sparse step adds exactly that."""
+    run = SparseRun(cfg(dense_warmup=0.0, refresh_interval=3), sigmas(6), layout=EXACT_LAYOUT)
+    q, k, v = qkv(1)
+    calls = []
+
+    def dense():
+        calls.append(1)
+        return dense_ref(q, k, v).to(q.dtype)
+
+    out0 = call(run, q, k, v, 0, dense=dense)
+    assert calls == [1] and torch.equal(out0, dense_ref(q, k, v).to(q.dtype))
+    mask = build_mask(q, k, v, mode="topk", grid=GRID, txt_len=TXT, density=0.5, block_q=16, block_k=16)
+    sparse0 = masked_attention(q, k, v, mask, grid=GRID, txt_len=TXT).float()
+    resid = out0.float()[:, :, TXT:] - sparse0[:, :, TXT:]
+    stored = run.ssar.correction(("double", 0, "all", 0))  # kept in the output's dtype
+    torch.testing.assert_close(stored, resid.to(stored.dtype), atol=0, rtol=0)
+    v2 = qkv(2)[2]
+    out1 = call(run, q, k, v2, 1, dense=dense).float()
+    assert calls == [1], "a sparse step does not run the dense pass"
+    sparse1 = masked_attention(q, k, v2, mask, grid=GRID, txt_len=TXT).float()
+    torch.testing.assert_close(out1[:, :, TXT:], sparse1[:, :, TXT:] + resid, atol=2e-2, rtol=2e-2)
+
+
 def test_ssar_off_returns_the_plain_sparse_output():
     run = SparseRun(cfg(dense_warmup=0.0, ssar_order=0), sigmas(4))
     q, k, v = qkv(3)
