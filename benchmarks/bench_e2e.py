@@ -25,7 +25,10 @@ What runs (one process, one GPU; random BF16 weights, since timing does not depe
    ComfyUI's dense attention), REFRESH (the second refresh of the run, so the second-order update is paid),
    SPARSE (the step after it, SSAR cache populated, mask kept from the refresh).
 5. 50-step accounting: the kinds are counted with ``quantsparse.ssar.step_kind`` over 50 steps and
-   multiplied by the per-kind times; dense is 50 x the faster dense backend.
+   multiplied by the per-kind times; dense is 50 x the faster dense backend. ``--schedules`` adds the same
+   sum for other (dense warm-up, refresh interval) pairs under ``rows[].schedules``: a step's time does not
+   depend on the schedule (a refresh step costs the same every 5 or every 10 steps), only the counts do;
+   which schedules keep the quality is the proxy's question (``benchmarks/bench_schedule.py``).
 
 Checks before timing: BF16 outputs finite; at the shortest length the QuantSparse DENSE step's output against
 the BF16 model's at the same inputs (relative error recorded; W4A8 round-to-nearest on random weights is far
@@ -375,6 +378,30 @@ def schedule(config):
     return kinds, Counter(kinds)
 
 
+def parse_schedule(text: str) -> tuple[float, int]:
+    """"WARMUP:INTERVAL" (e.g. "0.1:10") -> (dense warm-up fraction, refresh interval)."""
+    try:
+        w, i = text.split(":")
+        return float(w), int(i)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"schedule {text!r}: write WARMUP:INTERVAL, e.g. 0.1:10") from None
+
+
+def schedule_rows(row: dict, config, schedules) -> list[dict]:
+    """s/50 and speedup of each (warm-up, interval) from the measured per-kind step times of ``row``."""
+    per_kind, dense = row.get("qs_step_s") or {}, row.get("dense_s_per_50")
+    out = []
+    for warm, interval in schedules:
+        cfg = type(config)(**{**config.to_dict(), "dense_warmup": warm, "refresh_interval": interval})
+        _, counts = schedule(cfg)
+        if any(per_kind.get(k) is None for k in counts):
+            continue
+        total = sum(counts[k] * per_kind[k] for k in counts)
+        out.append({"dense_warmup": warm, "refresh_interval": interval, "counts": dict(counts),
+                    "quantsparse_s_per_50": total, "speedup": dense / total if dense else None})
+    return out
+
+
 def plan_steps(kinds, reps):
     """Step indices: DENSE warm-up/check, DENSE timed, then refresh/sparse pairs (first pair warms up)."""
     dense = [s for s, k in enumerate(kinds) if k == "dense"]
@@ -568,6 +595,9 @@ def main():
     ap.add_argument("--backends", nargs="+", choices=["default", "cudnn"], default=["default", "cudnn"],
                     help="dense attention backends: ComfyUI's default, SDPA forced to cuDNN (MATH on the CPU)")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--schedules", type=parse_schedule, nargs="*",
+                    default=[parse_schedule(x) for x in ("0.1:5", "0.25:5", "0.04:5", "0.1:10", "0.0:10")],
+                    help="WARMUP:INTERVAL pairs also summed from the measured step times (rows[].schedules)")
     ap.add_argument("--tiny", action="store_true",
                     help="CPU dry run of the same code path: tiny HunyuanVideo, small latents, reference kernels")
     args = ap.parse_args()
@@ -697,6 +727,7 @@ def main():
                      deadline=deadline)
         except Exception as e:  # noqa: BLE001
             errors.append(error_record(f"quantsparse {n}", e))
+        rows[n]["schedules"] = schedule_rows(rows[n], config, args.schedules)
         free_memory(device)
         save()
 
@@ -713,6 +744,10 @@ def main():
               f"{f(r.get('cache_gb')):>9} "
               f"{'/'.join(f(st.get(k), 3) for k in ('dense', 'refresh', 'sparse')):>26} "
               f"{'/'.join(f(r.get(f'rel_err_{k}_step_vs_bf16'), 3) for k in ('dense', 'refresh', 'sparse')):>30}")
+    for n in tokens:
+        for sc in rows[n].get("schedules", []):
+            print(f"{n:>8} warm-up {sc['dense_warmup']:.2f} interval {sc['refresh_interval']:>2} {sc['counts']}: "
+                  f"{sc['quantsparse_s_per_50']:.1f} s/50, speedup {sc['speedup'] or 0:.2f}x")
     print(f"errors: {len(errors)}; wall {time.perf_counter() - T0:.0f} s", flush=True)
 
 

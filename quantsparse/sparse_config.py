@@ -35,8 +35,10 @@ class SparseConfig(JsonConfig):
       1.0 runs dense. The paper runs HunyuanVideo at 0.25 and 0.15.
     - ``mask_mode``: "svg" (per head spatial or temporal band, SparseVideoGen) or "topk" (pooled block
       scores).
-    - ``dense_warmup``: fraction of the sampling steps (the first, high-noise ones) run dense; 0.25 is
-      SparseVideoGen's HunyuanVideo schedule, which the paper's SVG speedups match (paper notes 3, 9.14).
+    - ``dense_warmup``: fraction of the sampling steps (the first, high-noise ones) run dense. 0.1:
+      SparseVideoGen's 0.25 (paper notes 3, 9.14) was both slower and worse with SSAR on the trained proxy
+      at 50 steps (W4A8, 15%: 33.23 dB against 34.42 dB at 0.1; ``benchmarks/results/schedule_proxy.md``),
+      and each dense step costs a sparse step's 3x-4x at 720p.
     - ``refresh_interval``: SSAR recomputes dense attention every this many steps (paper: 5).
     - ``rank``: rank r of the second-order correction's projection (paper: 16), at most the head size.
     - ``ssar_order``: 0 off, 1 first order (cache D), 2 second order (cache D + w rank-r(D - D_prev),
@@ -49,7 +51,7 @@ class SparseConfig(JsonConfig):
 
     density: float = 0.15
     mask_mode: str = "svg"
-    dense_warmup: float = 0.25
+    dense_warmup: float = 0.1
     refresh_interval: int = 5
     rank: int = 16
     ssar_order: int = 2

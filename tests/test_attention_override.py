@@ -275,10 +275,12 @@ def test_tiny_hunyuan_model_refresh_step_is_dense_and_refiner_passes_through():
 
 
 @pytest.mark.gpu
-def test_gpu_override_through_the_triton_kernel_svg_masks_and_compact_cache():
+@pytest.mark.parametrize("callers_dense", [False, True], ids=["one-launch-refresh", "callers-dense-refresh"])
+def test_gpu_override_through_the_triton_kernel_svg_masks_and_compact_cache(callers_dense):
     """The whole sparse path on CUDA in BF16 (kernel, svg masks, FP8 low-rank SSAR cache): a refresh
     step is dense attention, and on a slowly changing input the corrected sparse step is closer to
-    dense attention than the plain sparse output."""
+    dense attention than the plain sparse output; with the kernel's one-launch refresh and with the
+    caller's dense pass (ComfyUI's) plus a sparse pass."""
     from comfyui_quantsparse.quantsparse.ssar import DEFAULT_LAYOUT
 
     grid, txt, heads = (5, 16, 24), 61, 4
@@ -293,6 +295,8 @@ def test_gpu_override_through_the_triton_kernel_svg_masks_and_compact_cache():
     kw = dict(block_type="single", block_index=3, grid=grid, txt_len=txt, key_padding=padding)
     bias = torch.where(padding, 0.0, float("-inf"))[:, None, None, :]
     dense = lambda q_, k_, v_: F.scaled_dot_product_attention(q_.float(), k_.float(), v_.float(), attn_mask=bias)  # noqa: E731
+    if callers_dense:
+        kw["dense"] = lambda: dense(q, k, v).to(torch.bfloat16)
     out0 = sparse_attention_call(run, q, k, v, step=0, **kw)
     assert out0.dtype == torch.bfloat16 and out0.is_cuda
     assert float((out0.float() - dense(q, k, v)).abs().max()) < 3e-2  # refresh step = dense (BF16 bound)

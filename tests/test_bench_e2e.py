@@ -36,7 +36,7 @@ def test_bench_e2e_tiny_writes_the_issue_fields(tmp_path):
     assert data["errors"] == [], data["errors"]
     for key in ("gpu", "torch", "triton", "date", "checkpoint_bytes", "schedule_counts"):
         assert key in data, key
-    assert data["schedule_counts"] == {"dense": 12, "refresh": 8, "sparse": 30}
+    assert data["schedule_counts"] == {"dense": 4, "refresh": 10, "sparse": 36}
     assert data["checkpoint_bytes"] == data["checkpoint_plan_bytes"] > 0
     (row,) = data["rows"]
     for key in ROW_FIELDS:
@@ -50,3 +50,8 @@ def test_bench_e2e_tiny_writes_the_issue_fields(tmp_path):
     summary = row["run_summary"]
     assert summary["refresh_steps"] == 2 and summary["sparse_steps"] == 2 and summary["dense_steps"] == 2
     assert summary["attention_calls"]["refresh"] > 0 and summary["attention_calls"]["sparse"] > 0
+    # other schedules summed from the same step times: the default one reproduces the row's own figure
+    sched = {(r["dense_warmup"], r["refresh_interval"]): r for r in row["schedules"]}
+    assert sched[(0.1, 5)]["quantsparse_s_per_50"] == pytest.approx(row["quantsparse_s_per_50"])
+    assert sched[(0.1, 10)]["counts"] == {"dense": 4, "refresh": 5, "sparse": 41}
+    assert all(sum(r["counts"].values()) == 50 for r in row["schedules"])

@@ -65,10 +65,10 @@ class Workflow:
                 "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
-# The QuantSparse Sampler's knobs in the workflow: SparseConfig's defaults (the paper's HunyuanVideo
-# recipe: 15% density, a quarter of the steps dense, SSAR second order refreshed every 5 steps, rank 16),
+# The QuantSparse Sampler's knobs in the workflow: SparseConfig's defaults (15% density, a tenth of the steps
+# dense, SSAR second order refreshed every 5 steps, rank 16),
 # in the node's widget order.
-SPARSE_KNOBS = [0.15, "svg", 0.25, 5, 16, 2, 128, 128]
+SPARSE_KNOBS = [0.15, "svg", 0.1, 5, 16, 2, 128, 128]
 
 
 def sample_to_video(w: Workflow, model: int, clip: int, vae: int, *, y: int, x: int, prefix: str) -> None:
