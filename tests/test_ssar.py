@@ -10,7 +10,7 @@ from comfyui_quantsparse.quantsparse.sparse_attention import masked_attention
 from comfyui_quantsparse.quantsparse.sparse_config import SparseConfig
 from comfyui_quantsparse.quantsparse.ssar import (
     DENSE, EXACT_LAYOUT, REFRESH, SPARSE, CacheLayout, SSARState, cache_bytes_for, correction_error,
-    extrapolation_weight,
+    extrapolation_weight, gram_matrix,
     merged_residual, rank_projection, step_kind, warmup_steps,
 )
 
@@ -75,6 +75,14 @@ def test_extrapolation_weight_is_the_window_mean_of_a_linear_change():
         want = sum(j / tau for j in sparse_steps) / len(sparse_steps) if tau > 1 else 0.0
         assert extrapolation_weight(tau) == pytest.approx(want)
     assert extrapolation_weight(1) == 0.0  # every step refreshes: nothing to extrapolate
+
+
+@pytest.mark.parametrize("rows", [100, 2048, 5000])
+def test_chunked_gram_matrix_equals_the_float64_product(rows):
+    x = torch.randn(1, 3, rows, 128, generator=torch.Generator().manual_seed(rows))
+    want = x.double().transpose(-1, -2) @ x.double()
+    got = gram_matrix(x)
+    assert got.dtype == torch.float64 and float((got - want).abs().max() / want.abs().max()) < 1e-6
 
 
 def test_rank_projection_of_zero_and_low_rank_matrices():
