@@ -5,7 +5,7 @@ ComfyUI (``quantsparse/proxy_sample.py``); quality is measured on decoded pixels
 proxy's clips of the same seeds. Methods (issue 5):
 
     rtn                   W4A8 / W6A6 round-to-nearest, dense attention
-    sparse                BF16, sparse attention (svg masks, 25% dense warm-up), no SSAR, at 15% and 25%
+    sparse                BF16, sparse attention (svg masks, the default dense warm-up), no SSAR, at 15% and 25%
     rtn+sparse            the naive combination of the two
     msad+sparse           MSAD-calibrated weights + sparse attention, no SSAR
     msad+ssar1            + SSAR first order
@@ -107,6 +107,40 @@ def targets(rows: list) -> list[str]:
             f"({'met' if qs['psnr'] >= 26 else 'NOT met'}: >= 26 dB)."]
 
 
+def ranking(rows: list) -> list[str]:
+    """The paper's ranking claims, each stated from the measured rows as holding or not (W4A8 and W6A6, 15%/25%)."""
+    by = {(r["method"], r["bits"], r["density"]): r["psnr"] for r in rows}
+    out = []
+    for bits in sorted({r["bits"] for r in rows if r["bits"] != "bf16"}):
+        for d in DENSITIES:
+            def get(m):
+                return by.get((m, bits, d))
+            checks = [("QuantSparse above the naive rtn+sparse", "quantsparse", "rtn+sparse"),
+                      ("MSAD above round-to-nearest (both sparse, no SSAR)", "msad+sparse", "rtn+sparse"),
+                      ("SSAR first order above none", "msad+ssar1", "msad+sparse"),
+                      ("second order above first order", "quantsparse", "msad+ssar1"),
+                      ("the global term helps", "quantsparse", "quantsparse-no-global"),
+                      ("the local term helps", "quantsparse", "quantsparse-no-local")]
+            parts = []
+            for label, a, b in checks:
+                if get(a) is None or get(b) is None:
+                    continue
+                diff = get(a) - get(b)
+                parts.append(f"{label}: {'holds' if diff > 0 else 'does NOT hold'} ({diff:+.2f} dB)")
+            if parts:
+                out.append(f"Ranking, {bits} at {d:.0%}: " + "; ".join(parts) + ".")
+    return out
+
+
+def render(path: Path, md: Path) -> None:
+    """Rewrite the markdown of an existing result (targets and ranking stated again from its rows)."""
+    result = json.loads(path.read_text())
+    result["notes"] = targets(result["rows"]) + ranking(result["rows"]) + \
+        ([] if result.get("complete") else ["Partial: the run is still going or was interrupted."])
+    write_text(path, json.dumps(result, indent=1) + "\n")
+    write_text(md, markdown(result))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=str(DEFAULT_PATH))
@@ -122,7 +156,11 @@ def main(argv=None) -> int:
     p.add_argument("--md", default=None, help="markdown table (default: --out with .md)")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an unfinished --out made with the same weights, clips, steps and calibration")
+    p.add_argument("--render", action="store_true", help="only rewrite the markdown (and notes) of an existing --out")
     a = p.parse_args(argv)
+    if a.render:
+        render(Path(a.out), Path(a.md) if a.md else Path(a.out).with_suffix(".md"))
+        return 0
     if a.quick:
         a.seeds, a.steps, a.bits = min(a.seeds, 4), min(a.steps, 8), ["w4a8"]
     if a.seeds < 1:
@@ -191,7 +229,8 @@ def main(argv=None) -> int:
             "calibration_samples": len(calib_set.inputs) if calib_set else 0, "calibration_epochs": a.calib_epochs,
             "complete": complete, "rows": rows, "skipped": skipped,
         }
-        result["notes"] = targets(rows) + ([] if complete else ["Partial: the run is still going or was interrupted."])
+        result["notes"] = targets(rows) + ranking(rows) + \
+            ([] if complete else ["Partial: the run is still going or was interrupted."])
         write_text(out, json.dumps(result, indent=1) + "\n")
         write_text(md, markdown(result))
         return result

@@ -34,6 +34,8 @@ from comfyui_quantsparse.quantsparse.ssar import step_kind
 
 HERE = Path(__file__).resolve().parent
 SCHEDULES = ((0.25, 5, 2), (0.25, 5, 0), (0.1, 5, 2), (0.1, 10, 2), (0.04, 5, 2), (0.04, 10, 2), (0.0, 10, 2))
+# second against first order at 50 steps: python benchmarks/bench_schedule.py --schedules 0.1:5:2 0.1:5:1 \
+#     0.1:10:2 0.1:10:1 --out benchmarks/results/schedule_order_proxy.json
 
 
 def parse_schedule(text: str) -> tuple[float, int, int]:

@@ -259,3 +259,17 @@ def test_bench_quality_plans_every_method_and_writes_its_table(tmp_path):
     assert all(math.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 for r in result["rows"])
     assert any("quantsparse w4a8 0.15" in s for s in result["skipped"])
     assert "| rtn+sparse | w4a8 | 0.15 |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_quality_states_the_ranking_from_the_rows():
+    bench = _bench()
+    rows = [{"method": m, "bits": "w4a8", "density": 0.15, "psnr": p} for m, p in
+            [("rtn+sparse", 20.0), ("msad+sparse", 21.0), ("msad+ssar1", 30.0), ("quantsparse", 29.5),
+             ("quantsparse-no-global", 29.0), ("quantsparse-no-local", 30.5)]]
+    (line,) = bench.ranking(rows)
+    assert line.startswith("Ranking, w4a8 at 15%:")
+    assert "QuantSparse above the naive rtn+sparse: holds (+9.50 dB)" in line
+    assert "second order above first order: does NOT hold (-0.50 dB)" in line
+    assert "the global term helps: holds (+0.50 dB)" in line
+    assert "the local term helps: does NOT hold (-1.00 dB)" in line
+    assert bench.ranking([r for r in rows if r["method"] == "rtn+sparse"]) == []
