@@ -164,16 +164,22 @@ def test_temporal_heads_by_index_arithmetic(kernel_device, mode):
     assert not torch.equal(out, block_sparse_attention_triton(q, k, v, blocks, counts, **kw)[0])  # layouts differ
 
 
+def _temporal_lists_case(seed):
+    """Mixed-head inputs and random block lists on the GPU, or on the CPU under the interpreter (else skip)."""
+    if not torch.cuda.is_available() and not interpreting():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, temporal, grid, txt = _temporal_case(device, kernel_dtype(device), seed=seed)
+    blocks, counts = random_lists(2, 3, math.prod(grid), 16, 16, 0.4, device, seed=seed + 1)
+    return device, q, k, v, temporal, grid, txt, blocks, counts
+
+
 @pytest.mark.parametrize("mode", ["sparse", "dense", "complement", "refresh"])
 def test_tma_descriptor_path_matches_reference(mode):
     """The Hopper path (K/V of (t, h, w)-order heads through TMA descriptors, temporal heads by pointers
     in the same launch), forced on under the interpreter: ragged lengths, padding, mixed head kinds."""
-    if not torch.cuda.is_available() and not interpreting():
-        pytest.skip("needs the Triton interpreter or a GPU")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = kernel_dtype(device)
-    q, k, v, temporal, grid, txt = _temporal_case(device, dtype, seed=31)
-    blocks, counts = random_lists(2, 3, math.prod(grid), 16, 16, 0.4, device, seed=32)
+    device, q, k, v, temporal, grid, txt, blocks, counts = _temporal_lists_case(31)
+    dtype = q.dtype
     pad = torch.ones(2, q.shape[2], dtype=torch.bool, device=device)
     pad[1, 2:txt] = False
     kw = dict(txt_len=txt, block_q=16, block_k=16, mode=mode, return_lse=True, key_padding=pad, temporal=temporal,
@@ -484,12 +490,8 @@ def test_int64_offsets_path_matches_reference(mode, monkeypatch):
     """The int64-offset specialisation (taken when tokens x row stride pass 2^31) computes the same:
     forced on here by a fake 2^31 threshold."""
     import comfyui_quantsparse.kernels.sparse_attention as sa
-    if not torch.cuda.is_available() and not interpreting():
-        pytest.skip("needs the Triton interpreter or a GPU")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = kernel_dtype(device)
-    q, k, v, temporal, grid, txt = _temporal_case(device, dtype, seed=41)
-    blocks, counts = random_lists(2, 3, math.prod(grid), 16, 16, 0.4, device, seed=42)
+    device, q, k, v, temporal, grid, txt, blocks, counts = _temporal_lists_case(41)
+    dtype = q.dtype
     kw = dict(txt_len=txt, block_q=16, block_k=16, mode=mode, temporal=temporal, grid=grid)
     plain = block_sparse_attention_triton(q, k, v, blocks, counts, **kw)
     calls = []
