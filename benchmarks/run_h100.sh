@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the benchmarks; everything lands in $OUT.
-# Usage on the device machine: bash benchmarks/run_h100.sh [tests] [linear] [sweep] [sweep-act] [gluon] [attention] [attention-sweep] [ssar] [comfyui] [e2e]
+# Usage on the device machine: bash benchmarks/run_h100.sh [tests] [linear] [sweep] [sweep-act] [gluon] [attention] [attention-sweep] [ssar] [comfyui] [e2e] [attention8]
 # comfyui: the in-process ComfyUI tests on CUDA; needs a ComfyUI checkout carried as .comfyui and
 # wheels of what the device image lacks (comfy-kitchen, comfy-aimdo, einops, psutil, pyyaml) in .whl;
 # PyAV, imported by ComfyUI's V3 API for video I/O only, may be stubbed in .comfyui/_stubs.
@@ -24,6 +24,8 @@ for what in "$@"; do
     attention-sweep) python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" 2>&1 | tee "$OUT/attention_sweep.log" ;;
     ssar) python3 benchmarks/ssar_cache.py --out "$OUT/ssar_cache.json" 2>&1 | tee "$OUT/ssar.log" ;;
     attention) python3 benchmarks/bench_attention.py --out "$OUT/attention_h100.json" 2>&1 | tee "$OUT/attention.log" ;;
+    attention8) python3 -m pytest -q -m gpu tests/test_sparse_attention_fp8.py -p no:cacheprovider 2>&1 | tee "$OUT/tests_8bit.log"
+      python3 benchmarks/bench_attention_8bit.py --sweep --out "$OUT/attention_8bit_h100.json" 2>&1 | tee "$OUT/attention_8bit.log" ;;
     gluon) python3 benchmarks/gluon_check.py --out "$OUT/gluon.json" 2>&1 | tee "$OUT/gluon.log" ;;
   esac
 done

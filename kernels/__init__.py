@@ -18,6 +18,7 @@ from .act_quant import act_quant_reference, act_quant_triton
 from .hadamard import block_hadamard, hadamard_matrix
 from .int4 import PACK_TILE, pack_int4, unpack_int4
 from .sparse_attention import block_sparse_attention_reference, block_sparse_attention_triton, merge_attention
+from .sparse_attention_fp8 import block_sparse_attention_fp8_reference, block_sparse_attention_fp8_triton
 from .svg_probe import svg_probe_reference, svg_probe_triton
 from .w4a8 import w4a8_gemm_reference, w4a8_gemm_triton
 from .w4a16 import w4a16_gemm_reference, w4a16_gemm_triton
@@ -33,6 +34,7 @@ __all__ = [
     "act_quant_reference", "act_quant_triton", "w8a8_gemm_reference", "w8a8_gemm_triton",
     "w4a8_gemm_reference", "w4a8_gemm_triton", "w4a16_gemm_reference", "w4a16_gemm_triton",
     "block_sparse_attention", "block_sparse_attention_reference", "block_sparse_attention_triton", "merge_attention",
+    "block_sparse_attention_fp8_reference", "block_sparse_attention_fp8_triton", "ATTENTION_PRECISIONS",
     "svg_probe", "svg_probe_reference", "svg_probe_triton",
 ]
 
@@ -87,10 +89,19 @@ def w4a16_gemm(x, w_packed, w_scale, bias=None, group_size=0):
     return fn(x, w_packed, w_scale, bias, group_size)
 
 
+ATTENTION_PRECISIONS = ("bf16", "int8-fp8")
+
+
 def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, txt_len, key_padding=None, sm_scale=None,
                            mode="sparse", block_q=128, block_k=64, return_lse=False, check_lists=True,
-                           temporal=None, grid=None):
-    fn = block_sparse_attention_triton if use_triton(q) else block_sparse_attention_reference
+                           temporal=None, grid=None, precision="bf16"):
+    """``precision``: "bf16" (16-bit products) or "int8-fp8" (INT8 Q K^T, FP8 P V; modes sparse, dense, refresh)."""
+    if precision == "int8-fp8":
+        fn = block_sparse_attention_fp8_triton if use_triton(q) else block_sparse_attention_fp8_reference
+    elif precision == "bf16":
+        fn = block_sparse_attention_triton if use_triton(q) else block_sparse_attention_reference
+    else:
+        raise ValueError(f"block_sparse_attention: precision={precision!r} must be one of {ATTENTION_PRECISIONS}")
     return fn(q, k, v, kv_blocks, kv_counts, txt_len=txt_len, key_padding=key_padding, sm_scale=sm_scale,
               mode=mode, block_q=block_q, block_k=block_k, return_lse=return_lse, check_lists=check_lists,
               temporal=temporal, grid=grid)
