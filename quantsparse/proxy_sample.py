@@ -33,7 +33,7 @@ from .sparse_config import SparseConfig
 DEFAULT_STEPS = 20
 
 
-def proxy_sparse_config(density: float = 0.15, ssar_order: int = 2, **kw) -> SparseConfig:
+def proxy_sparse_config(density: float = 0.15, ssar_order: int = SparseConfig.ssar_order, **kw) -> SparseConfig:
     """The product's defaults (svg masks, 10% dense warm-up, refresh every 5 steps, rank 16) with blocks
     of 16 tokens: the proxy's 5 x 8 x 8 = 320 video tokens are 20 query and 20 key blocks (the product's
     128 / 64 would leave 3 x 5, where 15% could not be expressed: one key block is already 20%)."""

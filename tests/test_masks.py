@@ -191,7 +191,7 @@ def test_bad_inputs_fail_clearly():
 
 def test_sparse_config_validates_and_round_trips():
     c = SparseConfig()
-    assert (c.density, c.mask_mode, c.refresh_interval, c.rank, c.ssar_order) == (0.15, "svg", 5, 16, 2)
+    assert (c.density, c.mask_mode, c.refresh_interval, c.rank, c.ssar_order) == (0.15, "svg", 5, 16, 1)
     assert SparseConfig.from_dict(c.to_dict()) == c
     assert SparseConfig.from_dict({"density": 0.25}).density == 0.25
     for bad, match in [({"density": 0}, "density"), ({"density": 1.5}, "density"), ({"density": True}, "density"),

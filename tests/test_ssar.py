@@ -172,7 +172,7 @@ def test_merged_refresh_equals_dense_for_one_dense_pass():
 
 def test_compact_layout_adds_exactly_what_it_stores_and_reports_its_size():
     lay = CacheLayout(c_rank=8, d_rank=4, fp8=True, offload_d_prev=True)
-    cfg = SparseConfig(rank=4)
+    cfg = SparseConfig(rank=4, ssar_order=2)
     st = SSARState(cfg, 10, lay)
     d1, s1, _ = attention_pair(1)
     d2, s2, _ = attention_pair(2)

@@ -66,9 +66,9 @@ class Workflow:
 
 
 # The QuantSparse Sampler's knobs in the workflow: SparseConfig's defaults (15% density, a tenth of the steps
-# dense, SSAR second order refreshed every 5 steps, rank 16),
+# dense, SSAR first order refreshed every 5 steps, rank 16 for when order 2 is chosen),
 # in the node's widget order.
-SPARSE_KNOBS = [0.15, "svg", 0.1, 5, 16, 2, 128, 128]
+SPARSE_KNOBS = [0.15, "svg", 0.1, 5, 16, 1, 128, 128]
 
 
 def sample_to_video(w: Workflow, model: int, clip: int, vae: int, *, y: int, x: int, prefix: str) -> None:
