@@ -487,6 +487,12 @@ def complement_lists(kv_blocks: torch.Tensor, kv_counts: torch.Tensor, nkb: int,
     return out[:, :nkb].reshape(*lead, nkb).contiguous(), counts
 
 
+def token_major_output(bsz, heads, seq, d, like) -> torch.Tensor:
+    """An uninitialised [B, H, L, D] output laid out [B, L, H, D] in memory: what ComfyUI's attention
+    returns ([B, L, H * D]) is then a view of it, not a copy."""
+    return torch.empty(bsz, seq, heads, d, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
 def default_config(interp: bool | None = None) -> dict:
     """Launch parameters: 8 warps, 3 stages (the best of the H100 sweeps at 128x64 and 128x128 tiles);
     small under the interpreter."""
@@ -553,7 +559,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, txt_len, key
                       temporal, grid)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bsz, heads, seq, d = q.shape
-    out = torch.empty(bsz, heads, seq, d, dtype=q.dtype, device=q.device)
+    out = token_major_output(bsz, heads, seq, d, q)
     lse = torch.empty(bsz, heads, seq, dtype=torch.float32, device=q.device) if return_lse else None
     res = torch.empty(bsz, heads, seq - txt_len, d, dtype=torch.float32, device=q.device) if mode == "refresh" else None
     blocks = counts = comp = None

@@ -35,7 +35,7 @@ from ._triton import HAS_TRITON, interpreting, tl, triton
 from .rounding import RINT_MAGIC
 from .sparse_attention import (
     LOG2E, _attention_fp32, _check, _desc_default, _num_blocks, _permute_heads, block_mask, complement_lists,
-    default_config, temporal_order,
+    default_config, temporal_order, token_major_output as _token_major,
 )
 
 if HAS_TRITON:
@@ -442,7 +442,7 @@ def block_sparse_attention_fp8_triton(q, k, v, kv_blocks, kv_counts, *, txt_len,
     bsz, heads, seq, d = q.shape
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     has_t = temporal is not None and mode != "dense"
-    out = torch.empty(bsz, heads, seq, d, dtype=q.dtype, device=q.device)
+    out = _token_major(bsz, heads, seq, d, q)
     lse = torch.empty(bsz, heads, seq, dtype=torch.float32, device=q.device) if return_lse else None
     res = torch.empty(bsz, heads, seq - txt_len, d, dtype=torch.float32, device=q.device) if mode == "refresh" else None
     if out.numel():

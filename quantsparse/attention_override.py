@@ -262,9 +262,9 @@ def sparse_attention_call(run: SparseRun, q: torch.Tensor, k: torch.Tensor, v: t
         for key, rows in chunks:
             run.ssar.refresh_residual(key, resid[rows], out.dtype)
     else:
-        o_s = masked_attention(q, k, v, mask, grid=grid, txt_len=txt_len, key_padding=key_padding, mode="sparse")
-        parts = [run.ssar.correct(key, o_s[rows], txt_len=txt_len) for key, rows in chunks]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        out = masked_attention(q, k, v, mask, grid=grid, txt_len=txt_len, key_padding=key_padding, mode="sparse")
+        for key, rows in chunks:  # in place: the kernel's output is ours, and its rows of each chunk a view
+            run.ssar.correct_(key, out[rows], txt_len=txt_len)
     run.record(kind, step, density=mask.density())
     return out
 

@@ -229,14 +229,25 @@ class Packed:
             u = u @ self.v.to(dev)
         return u.to(dtype or self.dtype)
 
-    def add_to(self, out: torch.Tensor) -> torch.Tensor:
-        """``out + stored`` for ``out`` [..., L, D], without a float32 copy of the full matrix when factored."""
+    def _term(self, out: torch.Tensor) -> torch.Tensor:
+        """What ``out`` gets added: the stored matrix as kept when it is kept in full (no copy), else
+        decoded; a factored one as u @ v in ``out``'s dtype (no float32 copy of the full matrix)."""
         if self.v is None:
-            return out + self.decode(out.device).to(out.dtype)
+            if self.scale is None:
+                return self.u.to(out.device, non_blocking=True)
+            return self.decode(out.device).to(out.dtype)
         u = self.u.to(out.device).to(out.dtype)
         if self.scale is not None:
             u = u * self.scale.to(out.device, out.dtype)
-        return out + u @ self.v.to(out.device, out.dtype)
+        return u @ self.v.to(out.device, out.dtype)
+
+    def add_to(self, out: torch.Tensor) -> torch.Tensor:
+        """``out + stored`` for ``out`` [..., L, D]."""
+        return out + self._term(out)
+
+    def add_into(self, out: torch.Tensor) -> torch.Tensor:
+        """``out += stored`` in place (``out`` may be a strided view, e.g. the video rows of an attention output)."""
+        return out.add_(self._term(out))
 
     @property
     def nbytes(self) -> int:
@@ -390,6 +401,13 @@ class SSARState:
     # -- between refreshes
     def correct(self, key: Hashable, o_sparse: torch.Tensor, *, txt_len: int) -> torch.Tensor:
         """``O_s + C`` on the video rows (``O_s`` itself with SSAR off or before any refresh of ``key``)."""
+        if self.config.ssar_order == 0 or key not in self.entries:
+            return self.correct_(key, o_sparse, txt_len=txt_len)
+        return self.correct_(key, o_sparse.clone(), txt_len=txt_len)
+
+    def correct_(self, key: Hashable, o_sparse: torch.Tensor, *, txt_len: int) -> torch.Tensor:
+        """:meth:`correct` in place on ``o_sparse`` (a kernel's fresh output: no copy of it, and with the
+        correction kept in full none of the correction either); returns ``o_sparse``."""
         if self.config.ssar_order == 0:
             return o_sparse
         entry = self.entries.get(key)
@@ -402,9 +420,8 @@ class SSARState:
                              f"{tuple(video.shape)}: create a fresh SSARState (or call begin_run) for every "
                              "sampling run")
         self.stats["corrections"] += 1
-        out = o_sparse.clone()
-        out[:, :, txt_len:] = entry.c.add_to(video)
-        return out
+        entry.c.add_into(video)
+        return o_sparse
 
     def correction(self, key: Hashable) -> Optional[torch.Tensor]:
         """The stored correction C ``[B, H, img_len, D]`` as the steps between refreshes add it."""
