@@ -423,13 +423,16 @@ def sparse_options(config):
     return to, patch
 
 
-def in_sampling_run(config, sample_sigmas, body):
+def in_sampling_run(config, sample_sigmas, body, block_patches=None):
     """Run ``body(run_options)`` inside the pack's OUTER_SAMPLE wrapper, as CFGGuider.outer_sample runs under
-    it: the wrapper makes the run's SparseRun in a per-run copy of the options and closes it afterwards."""
+    it: the wrapper makes the run's SparseRun in a per-run copy of the options and closes it afterwards.
+    ``block_patches``: the fused block forwards as the Load QuantSparse Model node installs them."""
     import comfy.patcher_extension as pe
     from comfyui_quantsparse.nodes.sparse_patch import outer_sample_wrapper
 
     to, patch = sparse_options(config)
+    if block_patches:
+        to["patches_replace"] = {"dit": block_patches}
     guider = SimpleNamespace(model_options={"transformer_options": to})
 
     def outer_sample(noise, latent_image, sampler, sigmas, *args, **kwargs):
@@ -441,7 +444,8 @@ def in_sampling_run(config, sample_sigmas, body):
 
 
 def qs_phase(b: Bench, model, inp, row: dict, reps: int, config, refs: dict, errors: list, check: bool,
-             best_backend: str | None, profile_out: dict | None, deadline: float):
+             best_backend: str | None, profile_out: dict | None, deadline: float, fused: bool = True):
+    from comfyui_quantsparse.nodes.fused_blocks import fused_block_patches
     from comfyui_quantsparse.nodes.sparse_patch import RUN_KEY
 
     kinds, counts = schedule(config)
@@ -529,7 +533,8 @@ def qs_phase(b: Bench, model, inp, row: dict, reps: int, config, refs: dict, err
                     profile_out["error"] = errors[-1]["error"]
 
     try:
-        _, summary = in_sampling_run(config, inp.sigmas.cpu(), body)
+        _, summary = in_sampling_run(config, inp.sigmas.cpu(), body, fused_block_patches(model) if fused else None)
+        row["fused_blocks"] = fused
     finally:
         row["quantsparse_peak_gb"] = gb(b.peak())
         per_kind = {k: median(v) for k, v in t.items()}
@@ -595,6 +600,8 @@ def main():
     ap.add_argument("--backends", nargs="+", choices=["default", "cudnn"], default=["default", "cudnn"],
                     help="dense attention backends: ComfyUI's default, SDPA forced to cuDNN (MATH on the CPU)")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--unfused", action="store_true",
+                    help="QuantSparse through ComfyUI's own block forward (not the fused one the loader installs)")
     ap.add_argument("--schedules", type=parse_schedule, nargs="*",
                     default=[parse_schedule(x) for x in ("0.1:5", "0.25:5", "0.04:5", "0.1:10", "0.0:10")],
                     help="WARMUP:INTERVAL pairs also summed from the measured step times (rows[].schedules)")
@@ -724,7 +731,7 @@ def main():
         try:
             qs_phase(b, qs, inputs[n], rows[n], reps, config, refs[n], errors, check=(n == check_len),
                      best_backend=rows[n].get("dense_best_backend"), profile_out=profile if want_profile else None,
-                     deadline=deadline)
+                     deadline=deadline, fused=not args.unfused)
         except Exception as e:  # noqa: BLE001
             errors.append(error_record(f"quantsparse {n}", e))
         rows[n]["schedules"] = schedule_rows(rows[n], config, args.schedules)

@@ -15,6 +15,9 @@ import torch
 
 from ._triton import HAS_TRITON
 from .act_quant import act_quant_reference, act_quant_triton
+from .act_quant_fused import (
+    act_quant_gelu_cat_reference, act_quant_gelu_cat_triton, act_quant_ln_mod_reference, act_quant_ln_mod_triton,
+)
 from .hadamard import block_hadamard, hadamard_matrix
 from .int4 import PACK_TILE, pack_int4, unpack_int4
 from .sparse_attention import block_sparse_attention_reference, block_sparse_attention_triton, merge_attention
@@ -28,7 +31,7 @@ from .w8a8_gluon import HAS_GLUON, w8a8_gemm_gluon, w8a8_gluon_config
 from .w4a8_gluon import _MAX_K as _W4A8_GLUON_MAX_K
 
 __all__ = [
-    "act_quant", "w8a8_gemm", "w4a8_gemm", "w4a16_gemm", "use_triton", "use_gluon", "HAS_TRITON", "HAS_GLUON",
+    "act_quant", "act_quant_ln_mod", "act_quant_gelu_cat", "w8a8_gemm", "w4a8_gemm", "w4a16_gemm", "use_triton", "use_gluon", "HAS_TRITON", "HAS_GLUON",
     "w8a8_gemm_gluon", "w4a8_gemm_gluon",
     "pack_int4", "unpack_int4", "PACK_TILE", "block_hadamard", "hadamard_matrix",
     "act_quant_reference", "act_quant_triton", "w8a8_gemm_reference", "w8a8_gemm_triton",
@@ -64,6 +67,16 @@ def use_gluon(t: torch.Tensor, n: int, out_dtype: torch.dtype) -> bool:
 
 def act_quant(x, smooth=None, qmax=127, rotate=True):
     return (act_quant_triton if use_triton(x) else act_quant_reference)(x, smooth, qmax, rotate)
+
+
+def act_quant_ln_mod(x, shift, scale, smooth=None, qmax=127, rotate=True, *, rows_per_batch, eps=1e-6):
+    fn = act_quant_ln_mod_triton if use_triton(x) else act_quant_ln_mod_reference
+    return fn(x, shift, scale, smooth, qmax, rotate, rows_per_batch=rows_per_batch, eps=eps)
+
+
+def act_quant_gelu_cat(a, b, smooth=None, qmax=127, rotate=True):
+    fn = act_quant_gelu_cat_triton if use_triton(b) else act_quant_gelu_cat_reference
+    return fn(a, b, smooth, qmax, rotate)
 
 
 def w8a8_gemm(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16):

@@ -5,7 +5,8 @@ the checkpoint keeps (``img_in``, ``final_layer``, ``txt_in.input_embedder``, ``
 block counts; never a quantized Linear's shape) and builds ComfyUI's own HunyuanVideo with our
 operations class. ``disable_dynamic=True`` keeps the classic ModelPatcher: the dynamic-VRAM one
 (NVIDIA, torch >= 2.8) loads with ``assign`` into a virtual VRAM arena and casts through
-``cast_bias_weight``'s vbar path, which knows nothing of packed weights.
+``cast_bias_weight``'s vbar path, which knows nothing of packed weights. The blocks run the fused
+forward of ``fused_blocks`` (``QUANTSPARSE_FUSED=0`` in the environment keeps ComfyUI's own).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import comfy.sd
 
 from ..quantsparse.checkpoint import load_checkpoint
+from .fused_blocks import install_fused_blocks
 from .ops import QuantSparseLinear, quantized_modules, quantsparse_ops
 from .patcher import QuantSparseModelPatcher
 
@@ -54,6 +56,8 @@ def load_quantsparse_model(path: str) -> tuple[QuantSparseModelPatcher, LoadSumm
     patcher = QuantSparseModelPatcher.from_patcher(base)
     patcher.cached_patcher_init = (_reload, (path,))
     _check_complete(path, patcher, layers)
+    if os.environ.get("QUANTSPARSE_FUSED", "1") != "0":  # 0: ComfyUI's own block forward (debugging)
+        install_fused_blocks(patcher)
     return patcher, summarize(path, patcher, info.quant.bits)
 
 

@@ -20,7 +20,7 @@ import torch
 import comfy.model_management
 import comfy.ops
 
-from ..quantsparse.qlinear import quantized_linear
+from ..quantsparse.qlinear import activation_qmax, nontrivial_smooth, quantized_gemm, quantized_linear
 from ..quantsparse.quantizer import is_packed, kind_bits
 
 LORA_UNSUPPORTED = (
@@ -166,21 +166,41 @@ class QuantSparseLinear(comfy.ops.manual_cast.Linear):
             return super().forward_comfy_cast_weights(input, *args, **kwargs)
         return self._forward_quantized(input)
 
-    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+    def _tensors(self, device):
         if len(self.weight_function) > 0:
             # A LoRA (or any weight patch) that reached the layer would be silently wrong on packed
             # integer codes; the patcher refuses it earlier, this catches any other route.
             raise RuntimeError(f"{LORA_UNSUPPORTED} (a weight patch reached a {self.quant_kind} layer)")
-        device = x.device
-        weight = _to_device(self.weight, device)
-        scale = _to_device(self.weight_scale, device)
-        smooth = _to_device(self.smooth, device)
         bias = _to_device(self.bias, device)
         if bias is not None:
             for f in self.bias_function:
                 bias = f(bias)
+        return (_to_device(self.weight, device), _to_device(self.weight_scale, device),
+                _to_device(self.smooth, device), bias)
+
+    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        weight, scale, smooth, bias = self._tensors(x.device)
         return quantized_linear(x, weight, scale, smooth, bias, kind=self.quant_kind,
                                 group_size=self.quant_group_size, rotate=self.quant_rotate)
+
+    # -- the fused block forward (nodes/fused_blocks.py) ----------------------------------
+
+    @property
+    def takes_int8_input(self) -> bool:
+        """Quantized with 8-bit (or fewer) activations: the block may hand it pre-quantized activations."""
+        return self.quant_kind is not None and kind_bits(self.quant_kind)[1] < 16
+
+    def activation_prologue(self, device):
+        """(smooth or None, qmax, rotate): what the fused activation kernels apply for this layer."""
+        smooth = nontrivial_smooth(_to_device(self.smooth, device))
+        return smooth, activation_qmax(self.quant_kind), self.quant_rotate
+
+    def forward_prequantized(self, x_q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """[M, N] from INT8 activations made by one of ``kernels``' fused activation kernels."""
+        comfy.ops.run_every_op()
+        weight, scale, _, bias = self._tensors(x_q.device)
+        return quantized_gemm(x_q, x_scale, weight, scale, bias, kind=self.quant_kind,
+                              group_size=self.quant_group_size, out_dtype=out_dtype)
 
     def extra_repr(self) -> str:
         base = f"in_features={self.in_features}, out_features={self.out_features}"

@@ -37,11 +37,22 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         out = kernels.w4a16_gemm(x2, weight, weight_scale, bias, group_size)
     else:
         x_q, x_scale = kernels.act_quant(x2, nontrivial_smooth(smooth), qmax(abits), rotate)
-        if wbits == 4:
-            out = kernels.w4a8_gemm(x_q, x_scale, weight, weight_scale, bias, x.dtype, group_size)
-        else:
-            out = kernels.w8a8_gemm(x_q, x_scale, weight, weight_scale, bias, x.dtype)
+        out = quantized_gemm(x_q, x_scale, weight, weight_scale, bias, kind=kind, group_size=group_size,
+                             out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def quantized_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None, *, kind: str, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """[M, N] from activations already quantized (``kernels.act_quant`` or one of its fused forms)."""
+    if kind_bits(kind)[0] == 4:
+        return kernels.w4a8_gemm(x_q, x_scale, weight, weight_scale, bias, out_dtype, group_size)
+    return kernels.w8a8_gemm(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+
+
+def activation_qmax(kind: str) -> int:
+    """The INT code range of a layer kind's activations (e.g. 127 for W4A8)."""
+    return qmax(kind_bits(kind)[1])
 
 
 class QuantizedLinear(nn.Module):
