@@ -20,6 +20,7 @@ from .act_quant_fused import (
 )
 from .hadamard import block_hadamard, hadamard_matrix
 from .int4 import PACK_TILE, pack_int4, unpack_int4
+from .qk_norm_rope import qk_norm_rope_reference, qk_norm_rope_triton
 from .sparse_attention import block_sparse_attention_reference, block_sparse_attention_triton, merge_attention
 from .sparse_attention_fp8 import block_sparse_attention_fp8_reference, block_sparse_attention_fp8_triton
 from .svg_probe import svg_probe_reference, svg_probe_triton
@@ -31,7 +32,7 @@ from .w8a8_gluon import HAS_GLUON, w8a8_gemm_gluon, w8a8_gluon_config
 from .w4a8_gluon import _MAX_K as _W4A8_GLUON_MAX_K
 
 __all__ = [
-    "act_quant", "act_quant_ln_mod", "act_quant_gelu_cat", "w8a8_gemm", "w4a8_gemm", "w4a16_gemm", "use_triton", "use_gluon", "HAS_TRITON", "HAS_GLUON",
+    "act_quant", "act_quant_ln_mod", "act_quant_gelu_cat", "qk_norm_rope", "w8a8_gemm", "w4a8_gemm", "w4a16_gemm", "use_triton", "use_gluon", "HAS_TRITON", "HAS_GLUON",
     "w8a8_gemm_gluon", "w4a8_gemm_gluon",
     "pack_int4", "unpack_int4", "PACK_TILE", "block_hadamard", "hadamard_matrix",
     "act_quant_reference", "act_quant_triton", "w8a8_gemm_reference", "w8a8_gemm_triton",
@@ -77,6 +78,10 @@ def act_quant_ln_mod(x, shift, scale, smooth=None, qmax=127, rotate=True, *, row
 def act_quant_gelu_cat(a, b, smooth=None, qmax=127, rotate=True):
     fn = act_quant_gelu_cat_triton if use_triton(b) else act_quant_gelu_cat_reference
     return fn(a, b, smooth, qmax, rotate)
+
+
+def qk_norm_rope(x, weight, eps, freqs, out=None):
+    return (qk_norm_rope_triton if use_triton(x) else qk_norm_rope_reference)(x, weight, eps, freqs, out)
 
 
 def w8a8_gemm(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16):

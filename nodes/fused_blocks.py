@@ -10,9 +10,13 @@ the quantized Linears fed by the fused kernels of ``kernels.act_quant_fused``:
   input): no cat, no GELU tensor (the double blocks' fc2 keeps ComfyUI's GELU: faster there, see below);
 - the gated residual adds in place (``x += gate * y`` as one ``addcmul_``).
 
-Everything else is ComfyUI's own: the modulation Linears, the QK RMSNorm, RoPE and the attention
-function (so the sparse-attention override and any attention patches still apply), the patches
-``attn1_patch`` / ``attn1_output_patch``. A block the fusion does not cover (a Linear left in BF16, a
+- the QK RMSNorm and RoPE in one kernel (``kernels.qk_norm_rope``) written straight into the joint
+  (text + video) q and k: no norm outputs, no cat, no rotated copies.
+
+Everything else is ComfyUI's own: the modulation Linears, the attention function (so the
+sparse-attention override and any attention backend still apply), the patches ``attn1_patch`` (which
+see q and k between norm and RoPE: with any, the norm and RoPE are ComfyUI's own calls) and
+``attn1_output_patch``. A block the fusion does not cover (a Linear left in BF16, a
 different MLP, per-token modulation dims) runs ComfyUI's forward unchanged.
 """
 
@@ -56,6 +60,34 @@ def _split_heads(qkv, heads):
     return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
 
 
+def _norm_eps(norm, dtype):
+    # torch.nn.functional.rms_norm with eps None uses float32's epsilon (its math is float32).
+    return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+
+
+def _norm_rope_into(out, x, norm, freqs):
+    """RMSNorm (``norm``'s weight and eps) + RoPE of ``x`` into ``out`` (one kernel, no intermediate)."""
+    w = norm.weight.to(device=x.device, dtype=x.dtype) if norm.weight is not None else None
+    return kernels.qk_norm_rope(x, w, _norm_eps(norm, x.dtype), freqs, out=out)
+
+
+def _can_fuse_rope(pe, transformer_options) -> bool:
+    """attn1 patches see q and k between the norm and RoPE: with any, keep ComfyUI's order of calls."""
+    return pe is not None and pe.dtype == torch.float32 and pe.dim() == 6 and \
+        not transformer_options.get("patches", {}).get("attn1_patch")
+
+
+def _attention_prerotated(q, k, v, attn_mask, transformer_options, extra_options):
+    """flux's ``attention`` without its RoPE (already applied), then the attn1 output patches."""
+    import comfy.ldm.flux.math as flux_math
+
+    attn = flux_math.optimized_attention(q, k, v, q.shape[1], skip_reshape=True, mask=attn_mask,
+                                         transformer_options=transformer_options)
+    for p in transformer_options.get("patches", {}).get("attn1_output_patch", []):
+        attn = p(attn, extra_options)
+    return attn
+
+
 def _patched_attention(q, k, v, pe, attn_mask, transformer_options, extra_options):
     """ComfyUI's attention call of a flux-style block, with its attn1 patches."""
     from comfy.ldm.flux.math import attention
@@ -97,15 +129,28 @@ class FusedDoubleBlock:
         txt_mod1, txt_mod2 = blk.txt_mod(vec)
         img_q, img_k, img_v = _split_heads(_ln_mod_linear(blk.img_attn.qkv, img, img_mod1, blk.img_norm1),
                                            blk.num_heads)
-        img_q, img_k = blk.img_attn.norm(img_q, img_k, img_v)
         txt_q, txt_k, txt_v = _split_heads(_ln_mod_linear(blk.txt_attn.qkv, txt, txt_mod1, blk.txt_norm1),
                                            blk.num_heads)
-        txt_q, txt_k = blk.txt_attn.norm(txt_q, txt_k, txt_v)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        del img_q, img_k, img_v, txt_q, txt_k, txt_v
+        n_txt, pe = txt.shape[1], args["pe"]
         extra_options = to.copy()
-        extra_options["img_slice"] = [txt.shape[1], q.shape[2]]
-        attn = _patched_attention(q, k, v, args["pe"], args["attention_mask"], to, extra_options)
+        extra_options["img_slice"] = [n_txt, n_txt + img.shape[1]]
+        if _can_fuse_rope(pe, to):
+            # Norm + RoPE of each stream straight into the joint q / k buffers: no cat, no rotated copies.
+            q, k = (img_q.new_empty(img_q.shape[0], img_q.shape[1], n_txt + img_q.shape[2], img_q.shape[3])
+                    for _ in range(2))
+            for out, x, norm in ((q, txt_q, blk.txt_attn.norm.query_norm), (k, txt_k, blk.txt_attn.norm.key_norm)):
+                _norm_rope_into(out[:, :, :n_txt], x, norm, pe[:, :, :n_txt])
+            for out, x, norm in ((q, img_q, blk.img_attn.norm.query_norm), (k, img_k, blk.img_attn.norm.key_norm)):
+                _norm_rope_into(out[:, :, n_txt:], x, norm, pe[:, :, n_txt:])
+            v = torch.cat((txt_v, img_v), dim=2)
+            del img_q, img_k, img_v, txt_q, txt_k, txt_v
+            attn = _attention_prerotated(q, k, v, args["attention_mask"], to, extra_options)
+        else:
+            img_q, img_k = blk.img_attn.norm(img_q, img_k, img_v)
+            txt_q, txt_k = blk.txt_attn.norm(txt_q, txt_k, txt_v)
+            q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+            del img_q, img_k, img_v, txt_q, txt_k, txt_v
+            attn = _patched_attention(q, k, v, pe, args["attention_mask"], to, extra_options)
         del q, k, v
         txt_attn, img_attn = attn[:, :txt.shape[1]], attn[:, txt.shape[1]:]
         for x, x_attn, lay, mod1, mod2, mlp, norm2 in (
@@ -141,8 +186,13 @@ class FusedSingleBlock:
         qkv, mlp = torch.split(_ln_mod_linear(blk.linear1, x, mod, blk.pre_norm),
                                [3 * blk.hidden_size, blk.mlp_hidden_dim_first], dim=-1)
         q, k, v = _split_heads(qkv, blk.num_heads)
-        q, k = blk.norm(q, k, v)
-        attn = _patched_attention(q, k, v, args["pe"], args["attention_mask"], to, to.copy())
+        if _can_fuse_rope(args["pe"], to):
+            q = _norm_rope_into(None, q, blk.norm.query_norm, args["pe"])
+            k = _norm_rope_into(None, k, blk.norm.key_norm, args["pe"])
+            attn = _attention_prerotated(q, k, v, args["attention_mask"], to, to.copy())
+        else:
+            q, k = blk.norm(q, k, v)
+            attn = _patched_attention(q, k, v, args["pe"], args["attention_mask"], to, to.copy())
         del q, k, v, qkv
         x.addcmul_(_gelu_cat_linear(blk.linear2, attn, mlp), mod.gate)
         if x.dtype == torch.float16:
