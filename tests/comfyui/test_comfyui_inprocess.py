@@ -259,5 +259,6 @@ def test_fused_block_forward_matches_comfyuis_blocks(qs, tiny_files, monkeypatch
     assert len(rope_calls) == 4 * len(dm.double_blocks) + 2 * len(dm.single_blocks)  # q, k of each stream
     assert torch.isfinite(fused).all()
     rel = float((fused - plain).norm() / plain.norm())
-    # measured 1.2e-3 on the tiny model in float32 on the CPU; on the GPU the model computes in BF16
-    assert rel < (5e-3 if device == "cpu" else 3e-2), rel
+    # measured 1.2e-3 on the tiny model in float32; ComfyUI computes in BF16 where a GPU exists (9.5e-3 on
+    # the H100's CPU, BF16 rounding after each of ComfyUI's elementwise steps)
+    assert rel < (5e-3 if p.model_dtype() == torch.float32 else 3e-2), rel
