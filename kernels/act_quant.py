@@ -75,6 +75,23 @@ if HAS_TRITON:
         return v.to(tl.int8), row_amax
 
     @triton.jit
+    def _chunks(h_ptr, smooth_ptr, K, NB: tl.constexpr, HB: tl.constexpr, R: tl.constexpr, ROTATE: tl.constexpr,
+                HAS_SMOOTH: tl.constexpr):
+        """A tile of whole rows as R chunks of HB channels (chunk r is block r % NB of row r // NB): the chunk
+        and column indices, which chunks lie inside K, the Hadamard matrix and the smoothing (0 when off)."""
+        r = tl.arange(0, R)
+        col = tl.arange(0, HB)
+        kcol = (r % NB) * HB
+        col_ok = kcol < K
+        h = 0.0
+        s = 0.0
+        if ROTATE:
+            h = tl.load(h_ptr + col[:, None] * HB + col[None, :])
+        if HAS_SMOOTH:
+            s = tl.load(smooth_ptr + kcol[:, None] + col[None, :], mask=col_ok[:, None], other=0.0)
+        return r, col, kcol, col_ok, h, s
+
+    @triton.jit
     def _act_quant_kernel(x_ptr, smooth_ptr, h_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
                           BM: tl.constexpr, NB: tl.constexpr, HB: tl.constexpr, QMAX: tl.constexpr,
                           HAS_SMOOTH: tl.constexpr, ROTATE: tl.constexpr, INV_SQRT_HB: tl.constexpr,
@@ -83,14 +100,7 @@ if HAS_TRITON:
         # rows. A tile is seen as R = BM * NB chunks of HB channels (chunk r is block r % NB of row
         # r // NB), so the rotation is one [R, HB] x [HB, HB] tensor-core product.
         R: tl.constexpr = BM * NB
-        r = tl.arange(0, R)
-        col = tl.arange(0, HB)
-        kcol = (r % NB) * HB
-        col_ok = kcol < K
-        if ROTATE:
-            h = tl.load(h_ptr + col[:, None] * HB + col[None, :])
-        if HAS_SMOOTH:
-            s = tl.load(smooth_ptr + kcol[:, None] + col[None, :], mask=col_ok[:, None], other=0.0)
+        r, col, kcol, col_ok, h, s = _chunks(h_ptr, smooth_ptr, K, NB, HB, R, ROTATE, HAS_SMOOTH)
         num_tiles = tl.cdiv(M, BM)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), num_stages=STAGES):
             row = tile * BM + r // NB

@@ -28,7 +28,7 @@ from .hadamard import BLOCK, hadamard_matrix
 from .rounding import RINT_MAGIC
 
 if HAS_TRITON:
-    from .act_quant import _quantize_rows, _rotate_prescaled
+    from .act_quant import _chunks, _quantize_rows, _rotate_prescaled
 
 GELU_C = math.sqrt(2.0 / math.pi)
 
@@ -91,14 +91,7 @@ if HAS_TRITON:
         # As _act_quant_kernel (persistent, a tile of BM whole rows seen as R = BM * NB chunks of HB
         # channels). PROLOGUE 1: LayerNorm + modulation of a; 2: [a | gelu(b)], a's first KA channels.
         R: tl.constexpr = BM * NB
-        r = tl.arange(0, R)
-        col = tl.arange(0, HB)
-        kcol = (r % NB) * HB
-        col_ok = kcol < K
-        if ROTATE:
-            h = tl.load(h_ptr + col[:, None] * HB + col[None, :])
-        if HAS_SMOOTH:
-            s = tl.load(smooth_ptr + kcol[:, None] + col[None, :], mask=col_ok[:, None], other=0.0)
+        r, col, kcol, col_ok, h, s = _chunks(h_ptr, smooth_ptr, K, NB, HB, R, ROTATE, HAS_SMOOTH)
         num_tiles = tl.cdiv(M, BM)
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             row = tile * BM + r // NB

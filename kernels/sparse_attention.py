@@ -271,6 +271,21 @@ if HAS_TRITON:
             return pos
 
     @triton.jit
+    def _program_block(pid, n_txt_blocks, H, B, NQB):
+        """(is text program, query block, batch * H + head, batch, head) of program ``pid``: the text query
+        blocks first (dense over all keys, the longest programs), then the video query blocks with the
+        query block fastest, so that the programs of one head run together and share its K/V in L2."""
+        n_txt_prog = n_txt_blocks * H * B
+        is_txt = pid < n_txt_prog
+        if is_txt:
+            qb = pid % n_txt_blocks
+            bh = pid // n_txt_blocks
+        else:
+            qb = (pid - n_txt_prog) % NQB
+            bh = (pid - n_txt_prog) // NQB
+        return is_txt, qb, bh, bh // H, bh % H
+
+    @triton.jit
     def _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, MASK: tl.constexpr):
         """One online-softmax step over a [BLOCK_K, D] tile of keys and values; ``keep`` (when MASK)
         masks keys out; scores in the log2 domain (log2(e) in qk_scale)."""
@@ -365,23 +380,13 @@ if HAS_TRITON:
                             MODE: tl.constexpr, HAS_PAD: tl.constexpr, MASK_VID: tl.constexpr,
                             STORE_LSE: tl.constexpr, HAS_TEMPORAL: tl.constexpr, USE_DESC: tl.constexpr,
                             I64: tl.constexpr):
-        # Programs 0 .. B*H*n_txt_blocks - 1 are text query blocks (dense over all keys, the longest
-        # programs, started first); then the video query blocks, query block fastest, so that the
-        # programs of one head run together and share its K/V in L2. MODE: 0 sparse, 1 dense,
-        # 2 complement (the launcher passes the complement lists; no text keys, text rows empty),
-        # 3 refresh (the lists, sparse output kept in res, then the complement lists; res = dense - sparse).
+        # MODE: 0 sparse, 1 dense, 2 complement (the launcher passes the complement lists; no text keys,
+        # text rows empty), 3 refresh (the lists, sparse output kept in res, then the complement lists;
+        # res = dense - sparse).
         pid = tl.program_id(0)
         n_txt_prog = n_txt_blocks * H * B
-        is_txt = pid < n_txt_prog
+        is_txt, qb, bh, b, h = _program_block(pid, n_txt_blocks, H, B, NQB)
         L_img = L - txt_len
-        if is_txt:
-            qb = pid % n_txt_blocks
-            bh = pid // n_txt_blocks
-        else:
-            qb = (pid - n_txt_prog) % NQB
-            bh = (pid - n_txt_prog) // NQB
-        b = bh // H
-        h = bh % H
         # Text programs and dense mode attend every key: the order of keys is irrelevant there.
         tflag = False
         if HAS_TEMPORAL:

@@ -39,7 +39,7 @@ from .sparse_attention import (
 )
 
 if HAS_TRITON:
-    from .sparse_attention import _keep, _video_tokens
+    from .sparse_attention import _keep, _program_block, _video_tokens
 
 FP8_MAX = 448.0  # largest finite e4m3 value
 INT8_MAX = 127.0
@@ -317,18 +317,9 @@ if HAS_TRITON:
         # Program order as in the BF16 kernel: text query blocks first, then video query blocks with the
         # query block fastest. MODE: 0 sparse, 1 dense, 3 refresh.
         pid = tl.program_id(0)
-        n_txt_prog = n_txt_blocks * H * B
-        is_txt = pid < n_txt_prog
-        is_vid = pid >= n_txt_prog
+        is_txt, qb, bh, b, h = _program_block(pid, n_txt_blocks, H, B, NQB)
+        is_vid = pid >= n_txt_blocks * H * B
         L_img = L - txt_len
-        if is_txt:
-            qb = pid % n_txt_blocks
-            bh = pid // n_txt_blocks
-        else:
-            qb = (pid - n_txt_prog) % NQB
-            bh = (pid - n_txt_prog) // NQB
-        b = bh // H
-        h = bh % H
         tperm = False  # this head's video tokens are frame-major in the quantized layout
         if HAS_TEMPORAL:
             tperm = tl.load(tmp_ptr + bh) != 0
