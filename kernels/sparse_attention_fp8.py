@@ -34,7 +34,7 @@ import torch
 from ._triton import HAS_TRITON, interpreting, tl, triton
 from .rounding import RINT_MAGIC
 from .sparse_attention import (
-    LOG2E, _attention_fp32, _check, _desc_default, _num_blocks, _permute_heads, block_mask, complement_lists,
+    LOG2E, _check, _desc_default, _num_blocks, _permute_heads, block_mask, complement_lists,
     default_config, temporal_order, token_major_output as _token_major,
 )
 
