@@ -7,9 +7,9 @@ the quantized Linears fed by the fused kernels of ``kernels.act_quant_fused``:
 
 - LayerNorm + adaLN modulation + INT8 quantization in one pass (qkv, fc1, linear1 inputs);
 - for the single blocks, GELU + the concatenation with the attention output + quantization (linear2's
-  input): no cat, no GELU tensor (the double blocks' fc2 keeps ComfyUI's GELU: faster there, see below);
-- the gated residual adds in place (``x += gate * y`` as one ``addcmul_``).
-
+  input): no cat, no GELU tensor (the double blocks' fc2 keeps ComfyUI's GELU, faster there on the H100:
+  ``benchmarks/results/act_fused_h100.json``);
+- the gated residual adds in place (``x += gate * y`` as one ``addcmul_``);
 - the QK RMSNorm and RoPE in one kernel (``kernels.qk_norm_rope``) written straight into the joint
   (text + video) q and k: no norm outputs, no cat, no rotated copies.
 
@@ -26,9 +26,6 @@ import torch
 
 from .. import kernels
 from .ops import QuantSparseLinear
-
-FUSED_KEY = "quantsparse_fused_blocks"
-
 
 def _fusable(*layers) -> bool:
     return all(isinstance(m, QuantSparseLinear) and m.takes_int8_input for m in layers)
