@@ -57,7 +57,7 @@ def _split_heads(qkv, heads):
     return qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
 
 
-def _norm_eps(norm, dtype):
+def _norm_eps(norm):
     # torch.nn.functional.rms_norm with eps None uses float32's epsilon (its math is float32).
     return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
 
@@ -65,7 +65,7 @@ def _norm_eps(norm, dtype):
 def _norm_rope_into(out, x, norm, freqs):
     """RMSNorm (``norm``'s weight and eps) + RoPE of ``x`` into ``out`` (one kernel, no intermediate)."""
     w = norm.weight.to(device=x.device, dtype=x.dtype) if norm.weight is not None else None
-    return kernels.qk_norm_rope(x, w, _norm_eps(norm, x.dtype), freqs, out=out)
+    return kernels.qk_norm_rope(x, w, _norm_eps(norm), freqs, out=out)
 
 
 def _can_fuse_rope(pe, transformer_options) -> bool:
