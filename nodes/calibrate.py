@@ -165,7 +165,10 @@ class QuantSparseCalibrate(io.ComfyNode):
                 io.Float.Input("density", default=d.density, min=0.01, max=1.0, step=0.01,
                                tooltip="Sampling density written into the checkpoint as its default."),
                 io.Int.Input("epochs", default=d.epochs, min=0, max=200),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                # The frontend adds a "control after generate" widget to any INT named seed; "fixed" keeps a
+                # re-queued calibration on the same seed, so it resumes instead of starting over.
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             control_after_generate=io.ControlAfterGenerate.fixed),
                 io.String.Input("file_name", default="hunyuan_video_msad_w4a8",
                                 tooltip="Written as models/quantsparse/NAME.safetensors."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
@@ -178,6 +181,9 @@ class QuantSparseCalibrate(io.ComfyNode):
                                  tooltip="Calibrate under the sparse mask at 'density'. Only for sampling with SSAR "
                                          "off: SSAR adds the dropped attention back, so the default dense "
                                          "calibration is far better with it."),
+                io.Boolean.Input("restart", default=False, advanced=True,
+                                 tooltip="Discard the finished blocks in the work folder when they were made with "
+                                         "other settings (otherwise the node stops and says which settings differ)."),
             ],
             outputs=[io.Model.Output(tooltip="The calibrated QuantSparse model (as 'Load QuantSparse Model' loads it).")],
             is_output_node=True,  # it writes a file: a graph of loaders and this node runs
@@ -186,8 +192,8 @@ class QuantSparseCalibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, prompts, width, height, frames, samples, steps, bits, density, epochs, seed, file_name,
-                overwrite, guidance, lambda_global, lambda_local, sparse_calibration=False, clip=None,
-                conditioning=None) -> io.NodeOutput:
+                overwrite, guidance, lambda_global, lambda_local, sparse_calibration=False, restart=False,
+                clip=None, conditioning=None) -> io.NodeOutput:
         settings = CalibSettings(bits=bits, density=float(density), sparse_attention=bool(sparse_calibration),
                                  epochs=int(epochs), seed=int(seed),
                                  lambda_global=None if lambda_global < 0 else float(lambda_global),

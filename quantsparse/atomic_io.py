@@ -1,21 +1,21 @@
-"""Small files written whole or not at all: a temp file beside the target, then ``os.replace``.
+"""Small files written whole or not at all (reports, previews, benchmark results).
 
-For reports, previews and benchmark results; checkpoints have their own streaming writer
-(``safetensors_io``) and calibration activations theirs (``calib_store``).
+A thin name over ``paths.write_bytes_atomic``: a locked partial file beside the target, fsync, rename;
+a killed run leaves a partial that the next run of the same command removes. Checkpoints have their
+own streaming writer (``safetensors_io``) and calibration activations theirs (``calib_store``), on
+the same partial files.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from .paths import write_bytes_atomic
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
 
 
 def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode())
+    write_bytes_atomic(path, text.encode())

@@ -18,33 +18,23 @@ from typing import Iterator, Mapping, Optional
 
 import torch
 
+from .paths import write_bytes_atomic
+
 DEFAULT_MEMORY_BUDGET = 8 << 30
 COMPLETE = "complete.json"
 
 
 def save_tensors_atomic(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
-    """safetensors file at ``path``, complete or absent (temp file + fsync + ``os.replace``)."""
-    from safetensors.torch import save_file
+    """safetensors file at ``path``, complete or absent (a locked partial file, fsync, rename)."""
+    from safetensors.torch import save
 
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    write_bytes_atomic(path, data)
 
 
 def write_json_atomic(path: str, data) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def read_metadata(path: str) -> dict:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from .errors import QuantSparseError, public
 from .config import QuantSparseConfig
 from .hunyuan.dims import HunyuanVideoDims, dims_from_state_dict
 from .hunyuan.layers import ARCHITECTURE, layer_group_size, layer_kind, layer_rotate
@@ -41,7 +42,8 @@ CONVERT_HINT = "this is not a QuantSparse checkpoint; convert it with `quantspar
 _LIST_FIRST = 5
 
 
-class CheckpointError(ValueError):
+@public
+class CheckpointError(QuantSparseError):
     """A checkpoint that cannot be used; the message names the file, the problem and the fix."""
 
 

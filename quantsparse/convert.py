@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .errors import QuantSparseError, public
 from .checkpoint import (
     COMFY_PREFIX, FLOAT_DTYPE, METADATA_KEY, CheckpointMeta, LayerSpec, checkpoint_plan, quantized_layers,
 )
@@ -39,7 +40,8 @@ CHUNK_ELEMENTS = 1 << 20  # rows per quantize_weight call: 8 MB of float64 tempo
 _LIST_FIRST = 5
 
 
-class ConvertError(ValueError):
+@public
+class ConvertError(QuantSparseError):
     """A source that cannot be converted, or a destination that cannot be written; says what to do."""
 
 

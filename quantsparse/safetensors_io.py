@@ -5,8 +5,9 @@ materialise the whole file. The writer knows every tensor's dtype and shape in a
 plan), so it writes the header with all offsets first and each tensor at its offset in
 whatever order they are produced. Its output is the file ``safetensors.torch.save_file``
 would write for the same tensors and metadata (same tensor order, same compact header,
-padded to 8 bytes), so any safetensors reader takes it. Writes are atomic: a temporary file
-in the destination folder, fsync, then ``os.replace``; a failure never leaves a partial file.
+padded to 8 bytes), so any safetensors reader takes it. Writes are atomic (``paths.PartialFile``: a
+locked partial file in the destination folder, fsync, rename); a failure never leaves a partial file,
+and the one a killed run leaves is removed by the next run.
 
 Tensor data: :class:`TensorFile` reads one tensor's bytes at its offset (``pread``, no memory
 map). ``safetensors.safe_open`` cannot open the 25.6 GB model on a 24 GB machine: for PyTorch
@@ -20,12 +21,14 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
+
+from .errors import QuantSparseError, public
+from .paths import PartialFile
 
 # safetensors dtype names, in the order of the format's own Dtype enum: save_file sorts tensors by
 # this order (largest first), which keeps every tensor aligned to its element size.
@@ -56,7 +59,8 @@ MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enfor
 _WRITE_CHUNK = 64 << 20  # a single write(2) caps at ~2 GiB; smaller chunks keep it simple
 
 
-class SafetensorsError(ValueError):
+@public
+class SafetensorsError(QuantSparseError):
     """A file that is not a readable safetensors file, or a write that cannot be done."""
 
 
@@ -327,7 +331,7 @@ class SafetensorsWriter:
         self.bytes_written = 0
         self._written: set[str] = set()
         self._fd: int | None = None
-        self._tmp: str | None = None
+        self._part: PartialFile | None = None
 
     def __enter__(self) -> "SafetensorsWriter":
         self.open()
@@ -341,10 +345,10 @@ class SafetensorsWriter:
 
     def open(self) -> None:
         check_destination(self.path, self.overwrite)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
-        self._fd, self._tmp = fd, tmp
+        self._part = PartialFile(self.path)
+        self._fd = self._part.fd
         try:
-            _reserve(fd, self.total_bytes, self.path)
+            _reserve(self._fd, self.total_bytes, self.path)
             self._pwrite(self.header, 0)
         except BaseException:
             self.abort()
@@ -378,31 +382,14 @@ class SafetensorsWriter:
                 f"{len(missing)} planned tensors were never written to {self.path} (first: {missing[:5]}); "
                 f"nothing was saved."
             )
-        try:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-            os.chmod(self._tmp, 0o666 & ~_umask())
-            check_destination(self.path, self.overwrite)  # it may have appeared while we wrote
-            os.replace(self._tmp, self.path)
-            self._tmp = None
-            _fsync_dir(self.path.parent)
-        except BaseException:
-            self.abort()
-            raise
+        part, self._part, self._fd = self._part, None, None
+        # the destination may have appeared while we wrote
+        part.commit(overwrite=self.overwrite, check=lambda: check_destination(self.path, self.overwrite))
 
     def abort(self) -> None:
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            finally:
-                self._fd = None
-        if self._tmp is not None:
-            try:
-                os.unlink(self._tmp)
-            except FileNotFoundError:
-                pass
-            self._tmp = None
+        if self._part is not None:
+            self._part.abort()
+        self._part, self._fd = None, None
 
     def _pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
@@ -442,25 +429,6 @@ def _reserve(fd: int, nbytes: int, path: Path) -> None:
 def _free_bytes(folder: Path) -> int:
     st = os.statvfs(folder)
     return st.f_bavail * st.f_frsize
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_safetensors(path: str | os.PathLike,
