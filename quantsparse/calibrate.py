@@ -7,14 +7,16 @@ the full model's outputs of the block before: so only one block boundary is ever
 
 The work folder makes it resumable and deterministic:
 
-    state.json            fingerprint (settings, model, samples) and the blocks done, in order
+    state.json            fingerprint (settings, model, capture) and the blocks done, in order
+    samples/              the captured model-level samples (a resumed run does not sample the model again)
     inputs/               the first block's inputs (``calib_store`` sets: one safetensors per sample)
     acts/<block>/         the full model's outputs of <block> = the next block's inputs
     params/<block>.safetensors   learned smoothing and clipping of <block>, its losses in the metadata
 
 A restarted calibration with the same fingerprint skips the blocks done and continues from the saved
 boundary; every random choice is seeded by (seed, block), so the result equals an uninterrupted run.
-A folder with another fingerprint is stale and is cleared. Nothing here writes the checkpoint; the
+A folder whose finished blocks have another fingerprint is never discarded silently: the run stops and
+names what differs (``WorkMismatch``) unless asked to restart. Nothing here writes the checkpoint; the
 caller exports only when every block is done (``calib_export``), so an interrupted run leaves none.
 """
 
@@ -34,10 +36,12 @@ from .calib_block import block_key, block_prefix, calibrate_block
 from .calib_settings import CalibSettings
 from .calib_store import (DEFAULT_MEMORY_BUDGET, ActivationSet, ActivationWriter, load_tensors, read_metadata,
                           save_tensors_atomic, write_json_atomic)
+from .errors import QuantSparseError, public
 from .hunyuan.model import HunyuanVideo
+from .paths import PathError
 
 STATE = "state.json"
-WORK_VERSION = 1
+WORK_VERSION = 2
 
 
 @dataclass
@@ -146,29 +150,93 @@ def _joint(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"x": torch.cat((out["txt"], out["img"]), dim=1)}
 
 
-class WorkFolder:
-    """The state file and the paths of one calibration's work folder."""
+class WorkMismatch(QuantSparseError):
+    """The work folder holds finished blocks of a calibration with other settings, model or prompts."""
 
-    def __init__(self, root: str, fingerprint: dict, log=None):
+
+public(WorkMismatch)
+
+# How each fingerprint entry is named to the user (the command-line flag; the node's widget is the same name).
+_LABELS = {"model": "the model's weights", "samples": "the calibration samples",
+           "conditioning": "the prompts (conditioning)"}
+
+
+def fingerprint_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human lines for what differs between two fingerprints, e.g. ``epochs: 15 -> 10 (this run)``."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_differences(a, b, prefix)
+        elif key in _LABELS:
+            out.append(f"{_LABELS[key]} differ")
+        else:
+            out.append(f"{prefix}{key}: {a} in the folder, {b} now")
+    return out
+
+
+class WorkFolder:
+    """The state file, the captured samples and the paths of one calibration's work folder.
+
+    A folder with the same fingerprint continues where it stopped. One with finished blocks of another
+    fingerprint is never discarded silently: it raises :class:`WorkMismatch` naming what differs, unless
+    ``restart`` (then it is cleared, and the log says so).
+    """
+
+    SUBFOLDERS = ("inputs", "acts", "params", "samples")
+
+    def __init__(self, root: str, fingerprint: dict, *, restart: bool = False, log=None):
         self.root = root
         self.fingerprint = fingerprint
+        self.log = log
+        path = os.path.join(root, STATE)
+        if os.path.isdir(root) and not os.path.isfile(path) and os.listdir(root):
+            raise PathError(f"the work folder {root} exists and holds other files (it is not a QuantSparse work "
+                            "folder); give an empty or new folder.")
         os.makedirs(root, exist_ok=True)
         self.state = {"version": WORK_VERSION, "fingerprint": fingerprint, "done": []}
-        path = os.path.join(root, STATE)
         if os.path.isfile(path):
-            with open(path) as f:
-                old = json.load(f)
-            if old.get("version") == WORK_VERSION and old.get("fingerprint") == fingerprint:
-                self.state = old
+            old = self._read_state(path)
+            if restart:
+                if old is not None and old.get("done") and log:
+                    log(f"--restart: discarding {len(old['done'])} finished block(s) in {root}")
+                self._clear()
+            elif old is None or old.get("version") != WORK_VERSION:
+                if old is not None and old.get("done"):
+                    raise WorkMismatch(f"the work folder {root} was written by another version of QuantSparse; "
+                                       "pass --restart (the node's 'restart') to discard it and start over.")
+                self._clear()
             else:
-                if log:
-                    log(f"{root}: work from a calibration with other settings, model or samples; starting over")
-                for sub in ("inputs", "acts", "params", STATE):
-                    p = os.path.join(root, sub)
-                    shutil.rmtree(p) if os.path.isdir(p) else (os.remove(p) if os.path.exists(p) else None)
-        os.makedirs(os.path.join(root, "acts"), exist_ok=True)
-        os.makedirs(os.path.join(root, "params"), exist_ok=True)
+                diffs = fingerprint_differences(old.get("fingerprint", {}), fingerprint)
+                if diffs and old.get("done"):
+                    raise WorkMismatch(
+                        f"the work folder {root} holds {len(old['done'])} finished block(s) of a calibration with "
+                        f"other settings: {'; '.join(diffs)}. Run again with the folder's values to continue, or "
+                        "pass --restart (the node's 'restart') to discard those blocks and start over.")
+                if diffs:
+                    self._clear()  # nothing finished: nothing to lose
+                else:
+                    self.state = old
+        for sub in ("acts", "params"):
+            os.makedirs(os.path.join(root, sub), exist_ok=True)
         self.save()
+
+    @staticmethod
+    def _read_state(path: str) -> Optional[dict]:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _clear(self) -> None:
+        for sub in (*self.SUBFOLDERS, STATE):
+            p = os.path.join(self.root, sub)
+            shutil.rmtree(p) if os.path.isdir(p) else (os.remove(p) if os.path.exists(p) else None)
+        self.state = {"version": WORK_VERSION, "fingerprint": self.fingerprint, "done": []}
 
     @property
     def done(self) -> list[str]:
@@ -190,15 +258,57 @@ class WorkFolder:
     def params(self, key: str) -> str:
         return os.path.join(self.root, "params", f"{key}.safetensors")
 
+    # -- the captured model-level samples, kept so that a resumed run does not sample the model again
+
+    def cached_samples(self) -> Optional[list[dict[str, torch.Tensor]]]:
+        """The samples a previous run captured, if complete and unchanged; None otherwise."""
+        folder = os.path.join(self.root, "samples")
+        recorded = self.state.get("samples_fingerprint")
+        if recorded is None or not ActivationSet.is_complete(folder):
+            return None
+        try:
+            samples = list(ActivationSet.open(folder, memory_budget=0))
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            if self.log:
+                self.log(f"the captured samples in {folder} cannot be read ({e}); capturing again")
+            return None
+        if samples_fingerprint(samples) != recorded:
+            if self.log:
+                self.log(f"the captured samples in {folder} changed on disk; capturing again")
+            return None
+        return samples
+
+    def keep_samples(self, samples: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Store freshly captured samples; finished blocks made from other samples cannot be kept."""
+        fp = samples_fingerprint(samples)
+        recorded = self.state.get("samples_fingerprint")
+        if recorded is not None and recorded != fp and self.done:
+            raise WorkMismatch(f"the samples captured now differ from those the {len(self.done)} finished block(s) "
+                               f"in {self.root} were calibrated on (another device or torch version samples "
+                               "differently); pass --restart (the node's 'restart') to start over.")
+        folder = os.path.join(self.root, "samples")
+        if self.state.get("samples_fingerprint") != fp or not ActivationSet.is_complete(folder):
+            writer = ActivationWriter(folder, memory_budget=0)
+            for s in samples:
+                writer.add(s)
+            writer.finish()
+        self.state["samples_fingerprint"] = fp
+        self.save()
+
 
 def calibrate_model(model: HunyuanVideo, samples: Sequence[dict[str, torch.Tensor]], settings: CalibSettings,
-                    work_dir: str, options: Optional[RunOptions] = None) -> CalibrationResult:
-    """Calibrate every block of ``model`` (unchanged) on the model-level ``samples``; see the module doc."""
+                    work: WorkFolder | str, options: Optional[RunOptions] = None) -> CalibrationResult:
+    """Calibrate every block of ``model`` (unchanged) on the model-level ``samples``; see the module doc.
+
+    ``work`` is an open :class:`WorkFolder`, or a folder path (its fingerprint is then the settings, the
+    model and the samples)."""
     opt = options or RunOptions()
     t0 = time.perf_counter()
-    fingerprint = {"settings": settings.to_dict(), "model": model_fingerprint(model),
-                   "samples": samples_fingerprint(samples), "count": len(samples)}
-    work = WorkFolder(work_dir, fingerprint, opt.log)
+    if not isinstance(work, WorkFolder):
+        fingerprint = {"settings": settings.to_dict(), "model": model_fingerprint(model),
+                       "samples": samples_fingerprint(samples), "count": len(samples)}
+        work = WorkFolder(work, fingerprint, log=opt.log)
+    work_dir = work.root
     order = block_order(model)
     total = len(order)
     first_todo = _first_todo(work, order)

@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from .errors import QuantSparseError, public
 from .config import QuantSparseConfig
+from .errors import QuantSparseError, public
+from .file_kind import SUPPORTED as SUPPORTED_MODELS, describe as describe_file
 from .hunyuan.dims import HunyuanVideoDims, dims_from_state_dict
 from .hunyuan.layers import ARCHITECTURE, layer_group_size, layer_kind, layer_rotate
 from .hunyuan.model import reference_state_shapes
@@ -31,6 +32,7 @@ from .quantizer import QuantizedWeight, is_packed, kind_bits
 from .safetensors_io import (
     SafetensorsError, TensorEntry, TensorSpec, read_header, write_safetensors,
 )
+from .version import __version__
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -52,14 +54,7 @@ def _error(path: str, problem: str, fix: str) -> CheckpointError:
 
 
 def tool_version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover
-        return "unknown"
-    try:
-        return version(TOOL_NAME)
-    except PackageNotFoundError:
-        return "unknown"
+    return __version__
 
 
 # ---------------------------------------------------------------------------- the layer table
@@ -264,8 +259,7 @@ def read_checkpoint_header(path: str | os.PathLike) -> CheckpointInfo:
         raise CheckpointError(str(e)) from None
     raw = (header.metadata or {}).get(METADATA_KEY)
     if raw is None:
-        raise CheckpointError(f"{p}: {_describe_foreign(header)}; {CONVERT_HINT} "
-                              f"(quantsparse convert {os.path.basename(p)} OUT.safetensors --bits w4a8).")
+        raise CheckpointError(_describe_foreign(p, header))
     try:
         doc = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -316,17 +310,28 @@ def read_checkpoint_header(path: str | os.PathLike) -> CheckpointInfo:
                           header.file_size)
 
 
-def _describe_foreign(header) -> str:
-    """Say what a file without our metadata is, so the fix is obvious."""
-    shapes = header.shapes
-    if any(k.startswith(COMFY_PREFIX) for k in shapes):
-        shapes = {k[len(COMFY_PREFIX):]: v for k, v in shapes.items() if k.startswith(COMFY_PREFIX)}
+def checkpoint_replaceable(path: str | os.PathLike) -> str | None:
+    """Why ``path`` must not be replaced by a new checkpoint even with overwrite; None when it is one of
+    ours (a command replaces what a command wrote, never a user's model)."""
     try:
-        dims_from_state_dict(shapes)
-    except ValueError:
-        return "it has no 'quantsparse' metadata and is not a HunyuanVideo model either"
-    dtypes = sorted({str(e.dtype).replace("torch.", "") for e in header.tensors.values()})
-    return f"it is a plain HunyuanVideo model ({', '.join(dtypes)}) without 'quantsparse' metadata"
+        header = read_header(path)
+    except SafetensorsError:
+        return "not a QuantSparse checkpoint (not even a readable safetensors file)"
+    if METADATA_KEY not in (header.metadata or {}):
+        return "not a QuantSparse checkpoint (a model or another safetensors file)"
+    return None
+
+
+def _describe_foreign(path: str, header) -> str:
+    """Say what a file without our metadata is, so the fix is obvious (convert is offered only for a
+    file that convert takes)."""
+    kind = describe_file(header.shapes)
+    if kind == "a plain HunyuanVideo model":
+        dtypes = sorted({str(e.dtype).replace("torch.", "") for e in header.tensors.values()})
+        return (f"{path}: it is a plain HunyuanVideo model ({', '.join(dtypes)}) without 'quantsparse' metadata; "
+                f"{CONVERT_HINT} (quantsparse convert {os.path.basename(path)} OUT.safetensors --bits w4a8).")
+    return (f"{path} is not a QuantSparse checkpoint: it looks like {kind}. QuantSparse loads the checkpoints "
+            f"that `quantsparse convert` or the Calibrate node make from {SUPPORTED_MODELS}.")
 
 
 def expected_tensors(dims: HunyuanVideoDims, config: QuantSparseConfig) -> dict[str, TensorSpec]:

@@ -1,7 +1,9 @@
 """`quantsparse` command line: convert or calibrate a BF16 HunyuanVideo file, inspect a checkpoint.
 
-Errors are the library's own messages (they name the file, the problem and the fix), printed
-without a traceback: a user mistake is not a crash.
+Every input and output is checked before any work (``paths``); errors are the library's own messages
+(they name the file, the problem and the fix), printed as one line without a traceback: a user mistake
+is not a crash. Exit status: 0 done, 2 refused (nothing written), 1 the system failed (disk, I/O),
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ GB = 1e9
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantsparse", description="QuantSparse for HunyuanVideo: "
                                      "W4A8 checkpoints for ComfyUI.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="quantize a BF16 HunyuanVideo .safetensors file (round-to-nearest)",
                           description="Stream a BF16/FP16/FP32 HunyuanVideo file (ComfyUI naming, with or without "
@@ -33,7 +36,8 @@ def _build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=0,
                       help="0: one weight scale per output channel (default); 128: one per 128 inputs (w4a8 only)")
     conv.add_argument("--no-rotate", action="store_true", help="skip the Hadamard rotation (for experiments)")
-    conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace DST if it is an existing QuantSparse checkpoint (never a model, never SRC)")
     sub.add_parser("demo", add_help=False,
                    help="the main job on the bundled proxy model: calibrate at W4A8, sample dense and with QuantSparse, "
                         "print PSNR/SSIM, storage, density and time, write a side-by-side preview (see demo --help)")
@@ -76,9 +80,24 @@ def _add_calibrate(sub) -> None:
     cal.add_argument("--lambda-global", type=float, default=None, help="default: normalised to the output loss")
     cal.add_argument("--lambda-local", type=float, default=None, help="default: normalised to the output loss")
     cal.add_argument("--seed", type=int, default=0)
-    cal.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
-    cal.add_argument("--work-dir", help="work folder (default: DST + '.work')")
-    cal.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    cal.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default)")
+    cal.add_argument("--work-dir", help="work folder (default: DST + '.work'); keeps the captured samples and the "
+                                        "finished blocks, so running the same command again continues")
+    cal.add_argument("--restart", action="store_true",
+                     help="discard the work folder's finished blocks (needed when they were made with other settings)")
+    cal.add_argument("--overwrite", action="store_true",
+                     help="replace DST if it is an existing QuantSparse checkpoint (never a model, never SRC)")
+
+
+def version_line() -> str:
+    from .checkpoint import FORMAT_VERSION
+    from .version import __version__
+
+    return f"quantsparse {__version__} (comfyui-quantsparse; checkpoint format {FORMAT_VERSION})"
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,13 +112,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "calibrate":
             return _calibrate(args)
         return _inspect(args.file, sys.stdout, blocks=args.blocks)
-    except ValueError as e:  # CheckpointError, ConvertError, SafetensorsError, config errors
-        print(f"quantsparse {args.command}: error: {e}", file=sys.stderr)
+    except ValueError as e:  # QuantSparseError and the config checks: a refusal, nothing written
+        print(f"quantsparse {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # the system failed us (disk full, I/O error): say what, no traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"quantsparse {args.command}: error: {e.strerror or one_line(e)}{where}; nothing was written",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         hint = " (run the same command again to continue)" if args.command == "calibrate" else ""
         print(f"\ninterrupted; nothing was written{hint}", file=sys.stderr)
         return 130
+
+
+def resolve_device(name: str) -> str:
+    """``--device`` checked against this torch: a CUDA device on a CPU-only build is refused, not a crash."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type != "cuda":
+        raise ValueError(f"--device {name!r}: calibration runs on cpu or cuda; use one of those or auto")
+    if not torch.cuda.is_available():
+        why = "is a CPU-only build" if torch.version.cuda is None else "sees no CUDA GPU"
+        raise ValueError(f"--device {name}: this torch ({torch.__version__}) {why}; use --device cpu (slow), or "
+                         "install a CUDA build of torch on a machine with an NVIDIA GPU")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    return str(dev)
 
 
 class _ProgressLine:
@@ -127,11 +175,16 @@ class _ProgressLine:
         self.stream.flush()
 
 
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _convert(args) -> int:
     from .convert import convert_file
 
     config = QuantSparseConfig(bits=args.bits, group_size=args.group_size, rotate=not args.no_rotate)
-    result = convert_file(args.src, args.dst, config, overwrite=args.overwrite, progress=_ProgressLine(sys.stderr))
+    result = convert_file(args.src, args.dst, config, overwrite=args.overwrite, progress=_ProgressLine(sys.stderr),
+                          log=_log)
     print(f"wrote {result.dst}")
     print(f"source: {result.src_bytes / GB:.2f} GB  output: {result.dst_bytes / GB:.2f} GB  "
           f"ratio: {result.ratio:.2f}x  ({config.bits}, {result.tensors} tensors, {result.seconds:.0f} s)")
@@ -139,50 +192,65 @@ def _convert(args) -> int:
 
 
 def _calibrate(args) -> int:
-    import torch
-
-    from .calib_job import (CalibrationInfo, calibrate_to_file, check_output, load_conditioning, load_full_model,
-                            random_conditioning)
+    from .calib_job import (CalibrationInfo, calibrate_to_file, capture_fingerprint, check_output, check_work_dir,
+                            load_conditioning, load_full_model, random_conditioning, worse_than_rtn_lines)
     from .calib_settings import CalibSettings
     from .calibrate import RunOptions
-    from .capture import sample_and_capture
+    from .capture import capture_plan, latent_shape, sample_and_capture
+    from .convert import inspect_source
 
+    # Everything checked before the model is loaded or sampled: a mistake costs a second, not an hour.
     settings = CalibSettings(bits=args.bits, density=args.density, sparse_attention=args.sparse_calibration,
                              epochs=args.epochs,
                              lambda_global=args.lambda_global, lambda_local=args.lambda_local, seed=args.seed)
-    check_output(args.dst, args.overwrite)  # before an hour of work, not after
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = load_full_model(args.src)
+    latent_shape(args.width, args.height, args.frames)
+    if args.random_prompts is not None and args.random_prompts < 1:
+        raise ValueError(f"--random-prompts {args.random_prompts}: give at least 1")
+    prompts = args.random_prompts if args.conditioning is None else 1
+    capture_plan(args.samples, prompts, args.steps)  # samples / steps >= 1
+    device = resolve_device(args.device)
+    source = inspect_source(args.src)
     if args.conditioning:
-        conds = load_conditioning(args.conditioning)
+        conds = load_conditioning(args.conditioning, source.dims.context_in_dim)
     else:
-        conds = random_conditioning(args.random_prompts, model.dims.context_in_dim, seed=args.seed)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    log(f"capturing {args.samples} samples from {len(conds)} prompt(s) at {args.width}x{args.height}x{args.frames}, "
-        f"{args.steps} steps, on {device}")
-    samples = sample_and_capture(model, conds, width=args.width, height=args.height, frames=args.frames,
-                                 samples=args.samples, steps=args.steps, seed=args.seed, guidance=args.guidance,
-                                 device=device)
-    work = args.work_dir or f"{args.dst}.work"
-    progress = lambda done, total, key: log(f"[{done}/{total}] {key} done")  # noqa: E731
+        conds = random_conditioning(args.random_prompts, source.dims.context_in_dim, seed=args.seed)
+    inputs = [source.path] + ([args.conditioning] if args.conditioning else [])
+    dst = check_output(args.dst, args.overwrite, inputs)
+    work = args.work_dir or f"{dst}.work"
+    check_work_dir(work, inputs + [str(dst)])
+
+    model = load_full_model(source.path)
     info = CalibrationInfo(os.path.basename(args.src), len(conds), args.width, args.height, args.frames, args.steps,
                            args.guidance)
-    path, result, record = calibrate_to_file(model, samples, settings, args.dst, info, work_dir=work,
-                                             overwrite=args.overwrite,
-                                             options=RunOptions(device=device, progress=progress, log=log))
+
+    def capture():
+        _log(f"capturing {args.samples} samples from {len(conds)} prompt(s) at {args.width}x{args.height}x"
+             f"{args.frames}, {args.steps} steps, on {device}")
+        return sample_and_capture(model, conds, width=args.width, height=args.height, frames=args.frames,
+                                  samples=args.samples, steps=args.steps, seed=args.seed, guidance=args.guidance,
+                                  device=device)
+
+    progress = lambda done, total, key: _log(f"[{done}/{total}] {key} done")  # noqa: E731
+    path, result, record = calibrate_to_file(
+        model, capture, settings, dst, info, work_dir=work, overwrite=args.overwrite, restart=args.restart,
+        inputs=inputs, capture=capture_fingerprint(info, args.samples, conds),
+        options=RunOptions(device=device, progress=progress, log=_log))
     print(f"wrote {path}")
     losses = record["losses"]
     print(f"block output MSE, mean over {losses['blocks']} blocks: {losses['rtn_out_mean']:.4g} (round-to-nearest) "
           f"-> {losses['out_mean']:.4g}; {result.seconds / 60:.1f} min"
           + (f" ({result.resumed_blocks} blocks resumed)" if result.resumed_blocks else ""))
+    for line in worse_than_rtn_lines(record):
+        print(line)
     return 0
 
 
 def _inspect(path: str, out: TextIO, blocks: bool = False) -> int:
     from .checkpoint import validate_checkpoint
+    from .paths import input_file
     from .provenance import block_table, calibration_lines, sparse_lines
 
-    info = validate_checkpoint(path)
+    info = validate_checkpoint(input_file(path, "the checkpoint", suffixes=()))
     d, c = info.dims, info.config
     kinds = Counter(layer.kind for layer in info.layers.values())
     params = Counter()

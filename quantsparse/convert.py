@@ -23,17 +23,18 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .errors import QuantSparseError, public
 from .checkpoint import (
-    COMFY_PREFIX, FLOAT_DTYPE, METADATA_KEY, CheckpointMeta, LayerSpec, checkpoint_plan, quantized_layers,
+    COMFY_PREFIX, FLOAT_DTYPE, METADATA_KEY, CheckpointMeta, LayerSpec, checkpoint_plan, checkpoint_replaceable,
+    quantized_layers,
 )
 from .config import QuantSparseConfig
+from .errors import QuantSparseError, public
+from .file_kind import SUPPORTED as SUPPORTED_MODELS, describe as describe_file
 from .hunyuan.dims import HunyuanVideoDims, dims_from_state_dict
 from .hunyuan.model import reference_state_shapes
+from .paths import PathError, clean_stale_partials, input_file, output_file
 from .quantizer import QuantizedWeight, quantize_weight
-from .safetensors_io import (
-    SafetensorsError, SafetensorsHeader, SafetensorsWriter, TensorFile, check_destination, read_header,
-)
+from .safetensors_io import SafetensorsError, SafetensorsHeader, SafetensorsWriter, TensorFile, read_header
 
 SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CHUNK_ELEMENTS = 1 << 20  # rows per quantize_weight call: 8 MB of float64 temporaries
@@ -92,10 +93,10 @@ def _names(names) -> str:
 
 def inspect_source(src: str | os.PathLike) -> SourcePlan:
     """Check that ``src`` is a full-precision HunyuanVideo safetensors file, from its header alone."""
-    p = str(src)
     try:
+        p = str(input_file(src, "the source model", suffixes=()))
         header = read_header(p)
-    except SafetensorsError as e:
+    except (SafetensorsError, PathError) as e:
         raise ConvertError(str(e)) from None
     if METADATA_KEY in (header.metadata or {}):
         raise ConvertError(f"{p} is already a QuantSparse checkpoint; convert the original BF16 HunyuanVideo file "
@@ -113,7 +114,8 @@ def inspect_source(src: str | os.PathLike) -> SourcePlan:
     try:
         dims = dims_from_state_dict(shapes)
     except ValueError as e:
-        raise ConvertError(f"{p} is not a HunyuanVideo model that can be converted: {e}.") from None
+        raise ConvertError(f"{p} is not a HunyuanVideo model that can be converted: {e}; it looks like "
+                           f"{describe_file(header.shapes)}. QuantSparse converts {SUPPORTED_MODELS}.") from None
     ref = reference_state_shapes(dims)
     problems = []
     if set(ref) - set(shapes):
@@ -136,21 +138,23 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike,
                  progress: Callable[[Progress], None] | None = None,
                  calibration: dict[str, Any] | None = None,
                  smooth: Mapping[str, torch.Tensor] | None = None,
-                 clip: Mapping[str, torch.Tensor] | None = None) -> ConvertResult:
+                 clip: Mapping[str, torch.Tensor] | None = None,
+                 log: Callable[[str], None] | None = None) -> ConvertResult:
     """Convert a BF16/FP16/FP32 HunyuanVideo safetensors file into a QuantSparse checkpoint at ``dst``.
 
     ``smooth`` and ``clip`` (by layer prefix) carry calibrated values; absent layers get
-    round-to-nearest. ``dst`` appears complete or not at all.
+    round-to-nearest. ``dst`` appears complete or not at all; it is never the source, and with
+    ``overwrite`` it replaces only a QuantSparse checkpoint. A partial file an interrupted conversion
+    left beside ``dst`` is removed first (and ``log`` told).
     """
     config = config or QuantSparseConfig()
     start = time.perf_counter()
     source = inspect_source(src)
-    dst_path = Path(dst)
     try:
-        if dst_path.exists() and os.path.samefile(source.path, dst_path):
-            raise ConvertError(f"{dst_path} is the source file; write the checkpoint to a new file.")
-        check_destination(dst_path, overwrite)
-    except SafetensorsError as e:
+        dst_path = output_file(dst, "the output checkpoint", inputs=[source.path], overwrite=overwrite,
+                               replaceable=checkpoint_replaceable)
+        clean_stale_partials(dst_path, log)
+    except PathError as e:
         raise ConvertError(str(e)) from None
 
     meta = CheckpointMeta(source.dims, config, calibration)

@@ -22,10 +22,17 @@ METHOD = "msad"
 
 def calibration_record(*, base_model: str, settings: CalibSettings, prompts: int, samples: int,
                        width: int, height: int, frames: int, steps: int, blocks: Mapping[str, dict],
-                       seconds: float, device: str = "cpu", guidance: Optional[float] = None) -> dict[str, Any]:
-    """The ``calibration`` entry of the checkpoint metadata (plain JSON)."""
+                       seconds: float, device: str = "cpu", guidance: Optional[float] = None,
+                       fingerprint: Optional[dict] = None) -> dict[str, Any]:
+    """The ``calibration`` entry of the checkpoint metadata (plain JSON).
+
+    ``fingerprint`` identifies what made it (model, capture, settings): a node queued again with the same
+    inputs recognises its own file. ``worse_than_rtn`` marks a calibration whose mean block output error
+    ends above round-to-nearest, so a shared file carries the warning with it."""
     rtn = [b["rtn"]["out"] for b in blocks.values()]
     fin = [b["final"]["out"] for b in blocks.values()]
+    rtn_mean = statistics.fmean(rtn) if rtn else None
+    out_mean = statistics.fmean(fin) if fin else None
     per_block = {k: {"rtn_out": b["rtn"]["out"], "out": b["final"]["out"], "global": b["final"]["global"],
                      "local": b["final"]["local"], "rtn_global": b["rtn"]["global"], "rtn_local": b["rtn"]["local"],
                      "lambda_global": b["lambda_global"], "lambda_local": b["lambda_local"],
@@ -42,11 +49,14 @@ def calibration_record(*, base_model: str, settings: CalibSettings, prompts: int
         "settings": settings.to_dict(),
         "losses": {
             "blocks": len(blocks),
-            "rtn_out_mean": statistics.fmean(rtn) if rtn else None,
-            "out_mean": statistics.fmean(fin) if fin else None,
+            "rtn_out_mean": rtn_mean,
+            "out_mean": out_mean,
             "improved_blocks": sum(f < r for f, r in zip(fin, rtn)),
+            "worse_blocks": [k for k, b in blocks.items() if b["final"]["out"] > b["rtn"]["out"]],
+            "worse_than_rtn": bool(rtn and out_mean > rtn_mean),
             "per_block": per_block,
         },
+        "fingerprint": fingerprint,
         "seconds": round(seconds, 1),
         "device": device,
         "torch": torch.__version__,
@@ -83,6 +93,9 @@ def calibration_lines(calibration: Optional[Mapping[str, Any]]) -> list[str]:
         lines.append(f"  losses: block output MSE, mean over {losses['blocks']} blocks: "
                      f"{_fmt(losses.get('rtn_out_mean'))} (round-to-nearest) -> {_fmt(losses.get('out_mean'))}; "
                      f"{losses.get('improved_blocks', '?')}/{losses['blocks']} blocks improved")
+    if losses.get("worse_than_rtn"):
+        lines.append(f"  WARNING: worse than round-to-nearest overall; worse blocks: "
+                     f"{', '.join(losses.get('worse_blocks') or [])} (a `quantsparse convert` checkpoint is better)")
     return lines
 
 

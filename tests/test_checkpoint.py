@@ -202,10 +202,19 @@ def test_plain_prefixed_bf16_model(source, tmp_path):
     _rejects(path, CONVERT_HINT, "plain HunyuanVideo model")
 
 
-def test_other_model_without_metadata(tmp_path):
-    path = tmp_path / "sd15.safetensors"
-    save_file({"conv_in.weight": torch.zeros(4, 4)}, path)
-    _rejects(path, CONVERT_HINT, "not a HunyuanVideo model")
+@pytest.mark.parametrize("tensors, kind", [
+    ({"conv_in.weight": torch.zeros(4, 4)}, "an unrecognised model (1 tensors, e.g. conv_in.weight)"),
+    ({"model.diffusion_model.blocks.0.self_attn.q.weight": torch.zeros(4, 4),
+      "model.diffusion_model.blocks.0.cross_attn.k.weight": torch.zeros(4, 4)}, "a Wan 2.x model (not supported yet)"),
+    ({"diffusion_model.blocks.0.lora_up.weight": torch.zeros(4, 2)}, "a LoRA"),
+    ({"encoder.conv_in.weight": torch.zeros(4, 4), "decoder.conv_out.weight": torch.zeros(4, 4)}, "a VAE"),
+])
+def test_other_model_without_metadata(tmp_path, tensors, kind):
+    """A file convert does not take is described, and convert is not suggested for it."""
+    path = tmp_path / "other.safetensors"
+    save_file(tensors, path)
+    msg = _rejects(path, "is not a QuantSparse checkpoint: it looks like " + kind, "HunyuanVideo T2V")
+    assert "convert it" not in msg
 
 
 def test_newer_format_version(good, tmp_path):

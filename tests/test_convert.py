@@ -171,15 +171,27 @@ def test_refuses_to_overwrite(src, tmp_path):
     with pytest.raises(ConvertError, match="already exists.*overwrite"):
         convert_file(src, dst)
     assert dst.read_bytes() == b"keep"
-    convert_file(src, dst, overwrite=True)
+    # --overwrite replaces only a QuantSparse checkpoint, never another file (a model, a note)
+    with pytest.raises(ConvertError, match="not a QuantSparse checkpoint.*replaces only"):
+        convert_file(src, dst, overwrite=True)
+    assert dst.read_bytes() == b"keep"
+    dst.unlink()
+    convert_file(src, dst)
+    first = dst.read_bytes()
+    convert_file(src, dst, QuantSparseConfig(bits="w8a8"), overwrite=True)
+    assert dst.read_bytes() != first
     validate_checkpoint(dst)
 
 
 def test_refuses_to_write_over_its_source(src, tmp_path):
     copy = tmp_path / "model.safetensors"
     copy.write_bytes(src.read_bytes())
-    with pytest.raises(ConvertError, match="is the source file"):
+    with pytest.raises(ConvertError, match="same file as the input.*never writes over its own input"):
         convert_file(copy, copy, overwrite=True)
+    link = tmp_path / "hard_link.safetensors"  # another name, the same inode
+    os.link(copy, link)
+    with pytest.raises(ConvertError, match="same file as the input"):
+        convert_file(copy, link, overwrite=True)
     assert copy.read_bytes() == src.read_bytes()
 
 
