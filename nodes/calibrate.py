@@ -4,14 +4,17 @@ ComfyUI glue only; the method lives in ``quantsparse/`` (capture plan, calibrati
 ComfyUI's here: the prompts are encoded by the CLIP given, the calibration samples are recorded from
 ComfyUI's own sampler (euler, simple schedule, the model's shift) through a DIFFUSION_MODEL wrapper,
 interrupts and the progress bar are ComfyUI's, and the file goes to ``models/quantsparse/`` where
-"Load QuantSparse Model" lists it. The work folder (resumable progress) is
-``output/quantsparse_work/NAME/``: queue the same graph again after a stop to continue.
+"Load QuantSparse Model" lists it. The work folder (resumable progress, with the captured samples) is
+``output/quantsparse_work/NAME/``: queue the same graph again after a stop to continue. Widget mistakes
+are caught when the prompt is queued (``validate_inputs``); a re-queue after success finds its own file
+by the fingerprint recorded in it and loads it instead of calibrating again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import re
 
 import torch
@@ -23,13 +26,16 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..quantsparse.calib_job import CalibrationInfo, calibrate_to_file, check_output
+from ..quantsparse.calib_job import CalibrationInfo, calibrate_to_file, capture_fingerprint, worse_than_rtn_lines
 from ..quantsparse.calib_settings import CalibSettings
-from ..quantsparse.calibrate import RunOptions
-from ..quantsparse.capture import DEFAULT_GUIDANCE, capture_plan, latent_shape, record, steps_by_prompt
+from ..quantsparse.calibrate import RunOptions, state_fingerprint
+from ..quantsparse.capture import (DEFAULT_GUIDANCE, Conditioning, capture_plan, latent_shape, record,
+                                   steps_by_prompt)
+from ..quantsparse.checkpoint import checkpoint_replaceable, validate_checkpoint
 from ..quantsparse.config import BIT_SCHEMES
-from ..quantsparse.hunyuan.dims import dims_from_state_dict
+from ..quantsparse.hunyuan.dims import HunyuanVideoDims, dims_from_state_dict
 from ..quantsparse.hunyuan.model import HunyuanVideo
+from ..quantsparse.paths import probe_writable
 from ..quantsparse.provenance import calibration_lines
 from .folders import FOLDER
 from .model import load_quantsparse_model
@@ -47,8 +53,8 @@ DEFAULT_PROMPTS = "\n".join([
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,120}$")
 
 
-def full_model_of(model) -> HunyuanVideo:
-    """The MODEL's weights as the torch-only HunyuanVideo (BF16, host), or a ValueError saying what to load."""
+def full_state_of(model) -> tuple[HunyuanVideoDims, dict[str, torch.Tensor]]:
+    """The MODEL's dims and weights, checked to be a full-precision HunyuanVideo (a ValueError says what to load)."""
     base = getattr(model, "model", None)
     kind = type(base).__name__
     if kind != "HunyuanVideo":
@@ -64,6 +70,11 @@ def full_model_of(model) -> HunyuanVideo:
         raise ValueError(f"QuantSparse Calibrate needs the full-precision model, but this MODEL's weights are {low} "
                          "(already quantized, e.g. fp8 or a QuantSparse checkpoint). Load the BF16 file with "
                          "'Load Diffusion Model' and weight_dtype 'default'.")
+    return dims, sd
+
+
+def full_model_of(dims: HunyuanVideoDims, sd: dict[str, torch.Tensor]) -> HunyuanVideo:
+    """The weights as the torch-only HunyuanVideo (BF16, host) that calibration runs block by block."""
     m = HunyuanVideo(dims, dtype=torch.bfloat16, device="meta")
     m.load_state_dict({k: v.detach().to("cpu", torch.bfloat16) for k, v in sd.items()}, assign=True)
     return m
@@ -75,9 +86,41 @@ def output_name(name: str) -> str:
     if name.lower().endswith(".safetensors"):
         name = name[: -len(".safetensors")]
     if not _NAME.match(name) or ".." in name:
-        raise ValueError(f"file name {name!r} is not allowed: use letters, digits, '.', '_', '-' and spaces (no "
+        raise ValueError(f"file_name {name!r} is not allowed: use letters, digits, '.', '_', '-' and spaces (no "
                          "folders); the checkpoint is written to models/quantsparse/NAME.safetensors")
     return name + ".safetensors"
+
+
+def destination(file_name: str) -> str:
+    """Where the checkpoint goes: the first ``quantsparse`` model folder (created if missing)."""
+    return os.path.join(folder_paths.get_folder_paths(FOLDER)[0], output_name(file_name))
+
+
+def work_folder(file_name: str) -> str:
+    return os.path.join(folder_paths.get_output_directory(), "quantsparse_work",
+                        output_name(file_name)[: -len(".safetensors")])
+
+
+def check_widgets(file_name, width, height, frames) -> None:
+    """What the widgets alone decide, checked when the prompt is queued (a node error, no traceback)."""
+    if width is not None and height is not None and frames is not None:
+        if not (16 <= width <= 4096 and 16 <= height <= 4096 and 1 <= frames <= 1025):
+            raise ValueError(f"width x height x frames {width}x{height}x{frames} is out of range "
+                             "(16..4096 x 16..4096 x 1..1025)")
+        latent_shape(width, height, frames)
+    if file_name is None:
+        return
+    dst = destination(file_name)
+    folder = os.path.dirname(dst)
+    probe = folder
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    probe_writable(pathlib.Path(probe), f"models/{FOLDER}/{os.path.basename(dst)}")
+    if os.path.exists(dst):
+        why = checkpoint_replaceable(dst)
+        if why:
+            raise ValueError(f"file_name: models/{FOLDER}/{os.path.basename(dst)} exists and is {why}; the node "
+                             "never replaces it. Choose another file_name.")
 
 
 def conditionings(clip, prompts: str, conditioning, guidance: float) -> list[list]:
@@ -191,6 +234,25 @@ class QuantSparseCalibrate(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, file_name, width, height, frames) -> bool | str:
+        # Declared inputs skip ComfyUI's own range checks, so check_widgets checks their ranges itself.
+        try:
+            check_widgets(file_name, width, height, frames)
+        except ValueError as e:  # QuantSparseError included
+            return str(e)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, file_name, **_) -> str:
+        # ComfyUI reuses a node's output while its fingerprint is unchanged: with the checkpoint deleted
+        # (or rewritten) since, the node must run again instead of reporting a file that is not there.
+        try:
+            st = os.stat(destination(file_name))
+            return f"{file_name}:{st.st_size}:{st.st_mtime_ns}"
+        except (OSError, ValueError):
+            return f"{file_name}:absent"
+
+    @classmethod
     def execute(cls, model, prompts, width, height, frames, samples, steps, bits, density, epochs, seed, file_name,
                 overwrite, guidance, lambda_global, lambda_local, sparse_calibration=False, restart=False,
                 clip=None, conditioning=None) -> io.NodeOutput:
@@ -198,39 +260,85 @@ class QuantSparseCalibrate(io.ComfyNode):
                                  epochs=int(epochs), seed=int(seed),
                                  lambda_global=None if lambda_global < 0 else float(lambda_global),
                                  lambda_local=None if lambda_local < 0 else float(lambda_local))
-        latent_shape(width, height, frames)  # a bad size fails now, not after the capture
+        check_widgets(file_name, width, height, frames)
         name = output_name(file_name)
-        dst = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name)
+        dst = destination(file_name)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        check_output(dst, overwrite)
-        full = full_model_of(model)
+        dims, sd = full_state_of(model)
         conds = conditionings(clip, prompts, conditioning, float(guidance))
-        recorded = capture(model, conds, width=width, height=height, frames=frames, samples=samples, steps=steps,
-                           seed=seed)
-        comfy.model_management.unload_all_models()  # calibration holds one block on the device, not the model
-        comfy.model_management.soft_empty_cache()
+        info = CalibrationInfo(_base_name(model), len(conds), width, height, frames, steps, float(guidance))
+        capture_key = capture_fingerprint(info, samples, [_as_conditioning(c) for c in conds])
+        selected = {k: v.to(torch.bfloat16) for k, v in sd.items() if k.endswith(".weight")
+                    and ("qkv" in k or "linear1" in k or "img_in" in k)}  # what model_fingerprint reads
+        fingerprint = {"model": state_fingerprint(dims.to_dict(), selected), "capture": capture_key,
+                       "settings": settings.to_dict()}
+        del selected
+        if os.path.exists(dst) and _recorded_fingerprint(dst) == fingerprint and not restart:
+            loaded, summary = load_quantsparse_model(dst)
+            text = [f"models/{FOLDER}/{name} already holds this calibration (same model, prompts and settings): "
+                    "loaded it. Change a setting, or delete the file, to calibrate again.",
+                    *calibration_lines(validate_checkpoint(dst).calibration), summary.text()]
+            return io.NodeOutput(loaded, ui=ui.PreviewText("\n".join(text)))
+        source = _source_path(model)
+        work = work_folder(file_name)
+        full = full_model_of(dims, sd)
+        del sd
         total = len(full.double_blocks) + len(full.single_blocks)
         bar = comfy.utils.ProgressBar(total)
         device = comfy.model_management.get_torch_device()
-        work = os.path.join(folder_paths.get_output_directory(), "quantsparse_work", name[: -len(".safetensors")])
-        info = CalibrationInfo(_base_name(model), len(conds), width, height, frames, steps, float(guidance))
+
+        def capture_samples():
+            recorded = capture(model, conds, width=width, height=height, frames=frames, samples=samples,
+                               steps=steps, seed=seed)
+            comfy.model_management.unload_all_models()  # calibration holds one block on the device, not the model
+            comfy.model_management.soft_empty_cache()
+            return recorded
+
         options = RunOptions(device=str(device), progress=lambda n, t, key: bar.update_absolute(n, t),
                              check_stop=comfy.model_management.throw_exception_if_processing_interrupted,
                              log=log.info)
-        path, result, record_ = calibrate_to_file(full, recorded, settings, dst, info, work_dir=work,
-                                                  overwrite=overwrite, options=options)
+        path, result, record_ = calibrate_to_file(full, capture_samples, settings, dst, info, work_dir=work,
+                                                  overwrite=overwrite, restart=restart,
+                                                  inputs=[source] if source else [], capture=capture_key,
+                                                  fingerprint=fingerprint, options=options)
         del full
+        for line in worse_than_rtn_lines(record_):
+            log.warning(line)
         loaded, summary = load_quantsparse_model(str(path))
-        text = "\n".join([f"wrote models/{FOLDER}/{name}", *calibration_lines(record_), summary.text()])
+        text = "\n".join([f"wrote models/{FOLDER}/{name}", *worse_than_rtn_lines(record_),
+                          *calibration_lines(record_), summary.text()])
         return io.NodeOutput(loaded, ui=ui.PreviewText(text))
+
+
+def _as_conditioning(cond: list) -> Conditioning:
+    """One ComfyUI CONDITIONING (its first entry) as the tensors the fingerprint hashes."""
+    tensor, extra = cond[0][0], cond[0][1]
+    pooled = extra.get("pooled_output")
+    mask = extra.get("attention_mask")
+    guidance = extra.get("guidance")
+    y = pooled if pooled is not None else torch.zeros(1)
+    if guidance is not None:
+        y = torch.cat([y.flatten().float(), torch.tensor([float(guidance)])])
+    return Conditioning(tensor, y, mask)
+
+
+def _recorded_fingerprint(path: str):
+    try:
+        calibration = validate_checkpoint(path).calibration or {}
+    except ValueError:
+        return None
+    return calibration.get("fingerprint")
+
+
+def _source_path(model):
+    """The file the MODEL was loaded from, when ComfyUI kept it: the one file the node must never replace."""
+    init = getattr(model, "cached_patcher_init", None)
+    if init and len(init) > 1 and init[1] and isinstance(init[1][0], str):
+        return init[1][0]
+    return None
 
 
 def _base_name(model) -> str:
     """The loaded file's name when ComfyUI kept it, for the provenance record."""
-    for attr in ("cached_patcher_init",):
-        init = getattr(model, attr, None)
-        if init and len(init) > 1 and init[1]:
-            first = init[1][0]
-            if isinstance(first, str):
-                return os.path.basename(first)
-    return "HunyuanVideo (ComfyUI MODEL)"
+    source = _source_path(model)
+    return os.path.basename(source) if source else "HunyuanVideo (ComfyUI MODEL)"

@@ -51,7 +51,10 @@ def checkpoint_path(name: str) -> str:
         raise ValueError(f"checkpoint name {name!r} must be a file name inside models/{FOLDER}/, not a path outside it")
     if os.path.splitext(name)[1].lower() not in EXTENSIONS:
         raise ValueError(f"checkpoint {name!r} is not a .safetensors file; QuantSparse loads only .safetensors")
-    path = folder_paths.get_full_path_or_raise(FOLDER, name)
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is None or not os.path.isfile(path):
+        raise ValueError(f"checkpoint {name!r} is not in models/{FOLDER}/ (it may have been moved or deleted); put "
+                         "it there and press R to refresh the list, or pick another")
     full = os.path.normpath(os.path.abspath(path))
     roots = [os.path.normpath(os.path.abspath(p)) for p in folder_paths.get_folder_paths(FOLDER)]
     if not any(_inside(full, r) for r in roots):

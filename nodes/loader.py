@@ -32,6 +32,16 @@ class QuantSparseLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, ckpt_name: str) -> bool | str:
+        # Checked when the prompt is queued: a wrong or damaged file is a node error with the message, not a
+        # failure mid-run (the header alone: milliseconds).
+        try:
+            validate_checkpoint(checkpoint_path(ckpt_name))
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, ckpt_name: str) -> str:
         # ComfyUI reuses a node's output while its inputs are unchanged; a checkpoint rewritten under
         # the same name (re-calibrated, re-converted) must be loaded again.

@@ -12,7 +12,7 @@ import nodes as comfy_nodes  # ComfyUI's nodes.py: common_ksampler
 from comfy_api.latest import io, ui
 
 from ..quantsparse.attention_override import format_summary
-from .sparse_patch import apply_sparse_patch, config_from_widgets, sparse_inputs
+from .sparse_patch import apply_sparse_patch, check_blocks, config_from_widgets, sparse_inputs
 
 
 class QuantSparseSampler(io.ComfyNode):
@@ -38,6 +38,10 @@ class QuantSparseSampler(io.ComfyNode):
             ] + sparse_inputs(),
             outputs=[io.Latent.Output()],
         )
+
+    @classmethod
+    def validate_inputs(cls, block_q, block_k) -> bool | str:
+        return check_blocks(block_q, block_k)
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,

@@ -72,6 +72,15 @@ def sparse_inputs() -> list:
     ]
 
 
+def check_blocks(block_q, block_k) -> bool | str:
+    """``validate_inputs`` of both nodes: the block sizes' rule is more than a range (power of two), and a
+    declared input skips ComfyUI's own range check, so the range is checked here too."""
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+        if b is not None and (not 16 <= b <= 256 or b & (b - 1)):
+            return f"{name} = {b}: use a power of two from 16 to 256 (16, 32, 64, 128 or 256)"
+    return True
+
+
 def config_from_widgets(density, mask_mode, dense_warmup, refresh_interval, rank, ssar_order, block_q,
                         block_k) -> SparseConfig:
     return SparseConfig(density=float(density), mask_mode=mask_mode, dense_warmup=float(dense_warmup),
@@ -194,6 +203,10 @@ class QuantSparseAttention(io.ComfyNode):
             inputs=[io.Model.Input("model")] + sparse_inputs(),
             outputs=[io.Model.Output(tooltip="The model with sparse attention installed.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, block_q, block_k) -> bool | str:
+        return check_blocks(block_q, block_k)
 
     @classmethod
     def execute(cls, model, **knobs) -> io.NodeOutput:

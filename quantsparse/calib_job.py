@@ -88,20 +88,21 @@ def run_fingerprint(model: HunyuanVideo, settings: CalibSettings, capture: Optio
 def calibrate_to_file(model: HunyuanVideo, samples: Union[Samples, Callable[[], Samples]], settings: CalibSettings,
                       dst: str | os.PathLike, info: CalibrationInfo, *, work_dir: str, overwrite: bool = False,
                       restart: bool = False, inputs: Sequence = (), capture: Optional[dict] = None,
-                      keep_work: bool = False, options: Optional[RunOptions] = None
-                      ) -> tuple[Path, CalibrationResult, dict]:
+                      fingerprint: Optional[dict] = None, keep_work: bool = False,
+                      options: Optional[RunOptions] = None) -> tuple[Path, CalibrationResult, dict]:
     """Calibrate ``model`` and write ``dst``; returns (path, result, calibration record).
 
     ``samples`` is the list of captured samples or a function that captures them; it is called only when
     the work folder holds no usable samples of this ``capture`` fingerprint. ``inputs`` are the files
-    the job reads (never written over)."""
+    the job reads (never written over). ``fingerprint`` is ``run_fingerprint(model, settings, capture)``
+    when the caller has it already (it reads every block's weights once)."""
     opt = options or RunOptions()
     log = opt.log or (lambda msg: None)
     path = check_output(dst, overwrite, inputs)
     check_work_dir(work_dir, inputs)
     clean_stale_partials(path, log)
     clean_stale_partials_under(work_dir, log)
-    fingerprint = run_fingerprint(model, settings, capture)
+    fingerprint = fingerprint or run_fingerprint(model, settings, capture)
     work = WorkFolder(work_dir, fingerprint, restart=restart, log=opt.log)
     got = work.cached_samples()
     if got is not None:

@@ -73,8 +73,13 @@ def block_order(model: HunyuanVideo) -> list[tuple[str, int]]:
 
 def model_fingerprint(model: HunyuanVideo) -> str:
     """Cheap identity of the weights: dims plus a float64 checksum of every block's first Linear."""
-    h = hashlib.sha256(json.dumps(model.dims.to_dict(), sort_keys=True).encode())
-    for name, t in model.state_dict().items():
+    return state_fingerprint(model.dims.to_dict(), model.state_dict())
+
+
+def state_fingerprint(dims: dict, state: dict[str, torch.Tensor]) -> str:
+    """``model_fingerprint`` from the dims and a state dict (ComfyUI's own model's, without a copy)."""
+    h = hashlib.sha256(json.dumps(dims, sort_keys=True).encode())
+    for name, t in state.items():
         if name.endswith(".weight") and ("qkv" in name or "linear1" in name or "img_in" in name):
             h.update(f"{name}:{float(t.double().sum()):.12e}:{float(t.double().abs().sum()):.12e}".encode())
     return h.hexdigest()[:16]

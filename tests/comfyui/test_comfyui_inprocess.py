@@ -181,7 +181,7 @@ def test_widget_file_names_cannot_leave_the_folder(qs, tmp_path, monkeypatch):
             qs.folders.checkpoint_path(bad)
     with pytest.raises(ValueError, match="not a .safetensors file"):
         qs.folders.checkpoint_path("ok.ckpt")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="is not in models/quantsparse/"):
         qs.folders.checkpoint_path("missing.safetensors")
 
 

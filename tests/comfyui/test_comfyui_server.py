@@ -111,12 +111,14 @@ def test_quantized_sampling_tracks_the_bf16_model(comfy_server, tiny_files):
     ("bad_plain", "without 'quantsparse' metadata"),
     ("bad_truncated", "is truncated"),
 ])
-def test_bad_checkpoint_is_an_execution_error_naming_the_problem(comfy_server, tiny_files, which, phrase):
+def test_bad_checkpoint_is_refused_when_queued_naming_the_problem(comfy_server, tiny_files, which, phrase):
+    """Validated when the prompt is queued: a node error with the message, nothing runs, no traceback."""
     name = getattr(tiny_files, which).name
-    err = execution_error(comfy_server.run(sampling_graph(qs_loader(name), ["1", 0], "qs_test/bad")))
-    assert err["node_type"] == "QuantSparseLoader"
-    assert phrase in err["exception_message"], err["exception_message"]
-    assert name in err["exception_message"]
+    code, answer = comfy_server.post_prompt(sampling_graph(qs_loader(name), ["1", 0], "qs_test/bad"))
+    assert code == 400, answer
+    errors = answer["node_errors"]["1"]["errors"]
+    details = " ".join(e["details"] for e in errors)
+    assert phrase in details and name in details, errors
 
 
 def test_unknown_or_escaping_file_name_is_refused_before_running(comfy_server, tiny_files):
