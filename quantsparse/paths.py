@@ -185,7 +185,7 @@ def clean_stale_partials(target: str | os.PathLike, log: Optional[Callable[[str]
             continue
         removed.append(p)
         if log is not None:
-            log(f"removed {p} ({size / 1e9:.2f} GB), left by an interrupted run")
+            log(f"removed {p} ({human_bytes(size)}), left by an interrupted run")
     return removed
 
 
@@ -207,6 +207,13 @@ def clean_stale_partials_under(folder: str | os.PathLike, log: Optional[Callable
     if removed and log is not None:
         log(f"removed {len(removed)} partial file(s) under {root}, left by an interrupted run")
     return removed
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
 
 
 class PartialFile:
