@@ -211,7 +211,7 @@ class WorkFolder:
             elif old is None or old.get("version") != WORK_VERSION:
                 if old is not None and old.get("done"):
                     raise WorkMismatch(f"the work folder {root} was written by another version of QuantSparse; "
-                                       "pass --restart (the node's 'restart') to discard it and start over.")
+                                       "set restart (--restart) to discard it and start over.")
                 self._clear()
             else:
                 diffs = fingerprint_differences(old.get("fingerprint", {}), fingerprint)
@@ -219,7 +219,7 @@ class WorkFolder:
                     raise WorkMismatch(
                         f"the work folder {root} holds {len(old['done'])} finished block(s) of a calibration with "
                         f"other settings: {'; '.join(diffs)}. Run again with the folder's values to continue, or "
-                        "pass --restart (the node's 'restart') to discard those blocks and start over.")
+                        "set restart (--restart) to discard those blocks and start over.")
                 if diffs:
                     self._clear()  # nothing finished: nothing to lose
                 else:
@@ -290,7 +290,7 @@ class WorkFolder:
         if recorded is not None and recorded != fp and self.done:
             raise WorkMismatch(f"the samples captured now differ from those the {len(self.done)} finished block(s) "
                                f"in {self.root} were calibrated on (another device or torch version samples "
-                               "differently); pass --restart (the node's 'restart') to start over.")
+                               "differently); set restart (--restart) to start over.")
         folder = os.path.join(self.root, "samples")
         if self.state.get("samples_fingerprint") != fp or not ActivationSet.is_complete(folder):
             writer = ActivationWriter(folder, memory_budget=0)

@@ -106,8 +106,8 @@ def output_file(path: str | os.PathLike, what: str, *, inputs: Iterable[str | os
     probe_writable(parent, what)
     if p.exists():
         if not overwrite:
-            raise PathError(f"{what} {p} already exists; choose another name, or pass --overwrite (the node's "
-                            "'overwrite') to replace it.")
+            raise PathError(f"{what} {p} already exists; choose another name, or set overwrite (--overwrite) to "
+                            "replace it.")
         why = replaceable(p) if replaceable is not None else None
         if why:
             raise PathError(f"{what} {p} exists and is {why}; --overwrite replaces only a file this command "

@@ -224,14 +224,35 @@ class _null:
         return False
 
 
-def save_proxy(path: str | os.PathLike, state: dict, card: dict, *, dtype: torch.dtype = torch.bfloat16) -> int:
+def save_proxy(path: str | os.PathLike, state: dict, card: dict, *, dtype: torch.dtype = torch.bfloat16,
+               overwrite: bool = False) -> int:
     """Write the weights (ComfyUI key names, ``dtype``) atomically, with the training card as metadata."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in sorted(state.items())}
     meta = {METADATA_KEY: json.dumps({"dims": proxy_dims().to_dict(), "shift": SHIFT, "guidance": GUIDANCE,
                                       "latent": "quantsparse.proxy_data.encode_video", **card})}
-    return write_safetensors(path, tensors, meta, overwrite=True)
+    return write_safetensors(path, tensors, meta, overwrite=overwrite)
+
+
+def check_proxy_file(path: str | os.PathLike) -> Path:
+    """``path`` as a plain (BF16/FP32) HunyuanVideo to sample from, checked from its header: a QuantSparse
+    checkpoint or another kind of file is refused with what it is, before anything is loaded."""
+    from .checkpoint import METADATA_KEY as CHECKPOINT_KEY
+    from .errors import QuantSparseError
+    from .file_kind import describe
+    from .paths import input_file
+    from .safetensors_io import read_header
+
+    p = input_file(path, "the proxy weights (--weights)", suffixes=())
+    header = read_header(p)
+    if CHECKPOINT_KEY in (header.metadata or {}):
+        raise QuantSparseError(f"--weights {p} is a QuantSparse checkpoint; the demo quantizes the model itself and "
+                               f"needs the full-precision proxy (default {DEFAULT_PATH.name}, in models/proxy/).")
+    kind = describe(header.shapes)
+    if kind != "a plain HunyuanVideo model":
+        raise QuantSparseError(f"--weights {p} is not a HunyuanVideo model: it looks like {kind}. Use the bundled "
+                               f"proxy ({DEFAULT_PATH.name}, in models/proxy/) or a HunyuanVideo file.")
+    return p
 
 
 def load_proxy(path: str | os.PathLike = DEFAULT_PATH, dtype: torch.dtype = torch.bfloat16,
@@ -241,10 +262,7 @@ def load_proxy(path: str | os.PathLike = DEFAULT_PATH, dtype: torch.dtype = torc
 
     from .hunyuan.dims import dims_from_state_dict
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no proxy weights at {path}; train them with "
-                                f"`python -m comfyui_quantsparse.quantsparse.proxy_train --out {path}`")
+    path = check_proxy_file(path)
     sd = load_file(str(path))
     dims = dims_from_state_dict({k: v.shape for k, v in sd.items()})
     model = HunyuanVideo(dims, dtype=dtype, device=device)
@@ -258,6 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: use the time budget)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(DEFAULT_PATH))
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (the shipped proxy by default)")
     p.add_argument("--batch-size", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 on CUDA, 6e-4 on CPU")
     p.add_argument("--warmup", type=int, default=None)
@@ -267,6 +286,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0)
     a = p.parse_args(argv)
+    from .errors import QuantSparseError
+    from .paths import output_file
+
+    try:  # before the training run, not after it
+        output_file(a.out, "the proxy weights (--out)", overwrite=a.overwrite)
+    except QuantSparseError as e:
+        print(f"proxy_train: error: {e}", file=sys.stderr)
+        return 2
     cuda = a.device.startswith("cuda")
     cfg = TrainConfig(minutes=a.minutes, max_steps=a.steps, batch_size=a.batch_size or (64 if cuda else 8),
                       lr=a.lr or (1e-3 if cuda else 6e-4), warmup_steps=a.warmup if a.warmup is not None else
@@ -279,7 +306,7 @@ def main(argv=None) -> int:
     card = result.card()
     card["device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
     card["torch"] = torch.__version__
-    size = save_proxy(a.out, result.state, card)
+    size = save_proxy(a.out, result.state, card, overwrite=a.overwrite)
     print(f"wrote {a.out} ({size / 2**20:.1f} MiB): {result.steps} steps in {result.seconds:.0f} s, "
           f"loss {card['loss_first']} -> {card['loss_last']}")
     return 0

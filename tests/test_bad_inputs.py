@@ -157,7 +157,7 @@ CASES = [
          "same file as the input", "Give the output a new name", setup=_link),
     Case("convert-existing-output", ("model.safetensors", "ckpt.safetensors"),
          lambda d: ["convert", str(d / "model.safetensors"), str(d / "ckpt.safetensors")],
-         "already exists", "pass --overwrite"),
+         "already exists", "set overwrite (--overwrite) to replace it"),
     Case("convert-overwrite-a-model", ("model.safetensors", "wan.safetensors"),
          lambda d: ["convert", str(d / "model.safetensors"), str(d / "wan.safetensors"), "--overwrite"],
          "is not a QuantSparse checkpoint", "Choose another name"),
@@ -231,7 +231,7 @@ CASES = [
          "does not exist", "create it first"),
     Case("calibrate-existing-output", ("model.safetensors", "ckpt.safetensors"),
          lambda d: ["calibrate", str(d / "model.safetensors"), str(d / "ckpt.safetensors"), *CALIB],
-         "already exists", "pass --overwrite"),
+         "already exists", "set overwrite (--overwrite) to replace it"),
     Case("calibrate-width-not-multiple-of-16", ("model.safetensors",),
          lambda d: ["calibrate", str(d / "model.safetensors"), str(d / "out.safetensors"), *CALIB, "--width", "100"],
          "multiples of 16, got 100x64", "width and height must be"),
@@ -291,7 +291,7 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(case, originals, tmp_pa
 
 def test_a_changed_setting_stops_a_resumed_calibration_and_says_which(originals, tmp_path, capsys, monkeypatch):
     """An interrupted calibration keeps its finished blocks; a rerun with one flag changed names the flag and
-    the fix instead of silently discarding them; --restart discards them on purpose."""
+    the fix instead of silently discarding them."""
     from comfyui_quantsparse.quantsparse import calibrate as calibrate_mod
 
     (tmp_path / "model.safetensors").write_bytes(originals["model.safetensors"])
@@ -322,6 +322,24 @@ def test_a_changed_setting_stops_a_resumed_calibration_and_says_which(originals,
     assert "using the 2 samples captured by an earlier run" in out.err and "capturing" not in out.err
     assert "(2 blocks resumed)" in out.out
     assert not work.exists() and (tmp_path / "out.safetensors").exists()
+
+
+def test_restart_discards_finished_blocks_on_purpose_and_says_so(tmp_path):
+    from comfyui_quantsparse.quantsparse.calibrate import WorkFolder, WorkMismatch
+
+    old = {"model": "m", "capture": {"width": 64}, "settings": {"epochs": 1}}
+    work = WorkFolder(str(tmp_path / "w"), old)
+    work.mark_done("double_00")
+    (tmp_path / "w" / "params" / "double_00.safetensors").write_bytes(b"x")
+    new = {"model": "m", "capture": {"width": 128}, "settings": {"epochs": 1}}
+    with pytest.raises(WorkMismatch, match="holds 1 finished block.*width: 64 in the folder, 128 now"):
+        WorkFolder(str(tmp_path / "w"), new)
+    assert (tmp_path / "w" / "params" / "double_00.safetensors").exists()
+    said = []
+    fresh = WorkFolder(str(tmp_path / "w"), new, restart=True, log=said.append)
+    assert fresh.done == [] and not (tmp_path / "w" / "params" / "double_00.safetensors").exists()
+    assert said == [f"--restart: discarding 1 finished block(s) in {tmp_path / 'w'}"]
+    assert type(WorkMismatch("x")).__module__ == "quantsparse"  # what ComfyUI shows as the error's type
 
 
 def test_a_stale_partial_file_is_reported_and_removed(originals, tmp_path, capsys):

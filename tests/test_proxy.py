@@ -128,8 +128,11 @@ def test_save_and_load_round_trip(tmp_path):
     back = pt.load_proxy(path, dtype=torch.float32)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(back.state_dict()[k], v.to(torch.bfloat16).float())
-    with pytest.raises(FileNotFoundError, match="proxy_train"):
+    with pytest.raises(ValueError, match="missing.safetensors does not exist"):
         pt.load_proxy(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="already exists"):  # never over the file unasked
+        pt.save_proxy(path, model.state_dict(), {"steps": 1})
+    pt.save_proxy(path, model.state_dict(), {"steps": 1}, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
