@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import struct
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from . import proxy_data as pdata
-from .atomic_io import write_bytes, write_text
+from .atomic_io import write_text
 from . import proxy_sample as ps
 from .config import QuantSparseConfig
+from .demo_preview import calibration_svg, write_preview
 from .proxy_eval import block_errors, calibration_report, compare, find_calibrate, model_bytes
 from .proxy_train import DEFAULT_PATH, load_proxy
 
@@ -96,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"time per clip on {torch.get_num_threads()} CPU thread(s): dense {t_d:.2f} s, QuantSparse {t_q:.2f} s "
           f"(the CPU runs the eager kernel references: speed is measured on the GPU, not here)")
 
-    gif = write_preview(out, refs, tests)
+    gif = write_preview(out, refs, tests, clips=clips, quality=q, bits=a.bits, density=a.density)
     errs = block_errors(dense, quant, calib.inputs[:: max(1, len(calib.inputs) // 4)])
     plot = out / "calibration.svg"
     write_text(plot, calibration_svg(calibration_report(quant), errs, f"{calib_name} {a.bits}"))
@@ -109,114 +105,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     print(f"\nwrote {gif}, {plot} and {out / 'summary.json'}")
     return 0
-
-
-# ------------------------------------------------------------------------------------------ preview
-
-def preview_frames(refs: Sequence[ps.SampleResult], tests: Sequence[ps.SampleResult]) -> torch.Tensor:
-    """``[F, H, W, 3]`` uint8: per clip a row (dense | QuantSparse | 4x |difference|), clips stacked."""
-    rows = []
-    for r, t in zip(refs, tests):
-        a, b = ps.decode(r.latent), ps.decode(t.latent)
-        diff = ((a - b).abs() * 4 - 1).clamp(-1, 1)
-        sep = torch.ones(3, a.shape[1], a.shape[2], 2)
-        rows.append(torch.cat([a, sep, b, sep, diff], dim=3))
-    gap = torch.ones(3, rows[0].shape[1], 2, rows[0].shape[3])
-    video = torch.cat([x for r in rows for x in (r, gap)][:-1], dim=2)
-    return pdata.to_uint8(video)
-
-
-def write_preview(out: Path, refs, tests) -> Path:
-    """Animated GIF with PIL if installed, otherwise an animated PNG written here (no dependency needed;
-    browsers and most viewers play APNG, others show its first frame)."""
-    frames = preview_frames(refs, tests)
-    frames = frames.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).numpy()  # 2x, nearest
-    try:
-        from PIL import Image
-    except ImportError:
-        path = out / "side_by_side.png"
-        write_bytes(path, apng(frames, delay_ms=120))
-        return path
-    path = out / "side_by_side.gif"
-    imgs = [Image.fromarray(f) for f in frames]
-    tmp = path.with_name(path.name + ".tmp")
-    imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=120, loop=0)
-    os.replace(tmp, path)
-    return path
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def apng(frames, delay_ms: int = 100) -> bytes:
-    """Animated PNG of ``[F, H, W, 3]`` uint8 frames (PNG spec + the APNG acTL / fcTL / fdAT chunks)."""
-    n, h, w, _ = frames.shape
-    out = [b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)),
-           _chunk(b"acTL", struct.pack(">II", n, 0))]
-    seq = 0
-    for i in range(n):
-        raw = b"".join(b"\x00" + frames[i, y].tobytes() for y in range(h))  # filter 0 per row
-        data = zlib.compress(raw, 9)
-        out.append(_chunk(b"fcTL", struct.pack(">IIIIIHHBB", seq, w, h, 0, 0, delay_ms, 1000, 0, 0)))
-        seq += 1
-        if i == 0:
-            out.append(_chunk(b"IDAT", data))
-        else:
-            out.append(_chunk(b"fdAT", struct.pack(">I", seq) + data))
-            seq += 1
-    out.append(_chunk(b"IEND", b""))
-    return b"".join(out)
-
-
-# ------------------------------------------------------------------------------------------ plot
-
-def calibration_svg(report: Optional[dict], errors: dict, title: str) -> str:
-    """A hand-written SVG (no plotting dependency): calibration loss curves per block (if the calibration
-    reported them as ``{"losses": {block: [loss, ...]}, "x_label": ...}``) and the per-block relative output
-    error."""
-    w, h, pad = 900, 360, 50
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{2 * h}" font-family="sans-serif" '
-             f'font-size="12"><rect width="100%" height="100%" fill="white"/>']
-    losses = (report or {}).get("losses") or {}
-    parts.append(f'<text x="{pad}" y="24" font-size="15">Calibration losses ({_esc(title)})</text>')
-    if losses:
-        vals = [v for seq in losses.values() for v in seq if v > 0]
-        lo, hi = math.log10(min(vals)), math.log10(max(vals))
-        hi = hi if hi > lo else lo + 1
-        n = max(len(s) for s in losses.values())
-        for j, (name, seq) in enumerate(sorted(losses.items())):
-            colour = f"hsl({int(360 * j / max(len(losses), 1))},70%,40%)"
-            pts = " ".join(f"{pad + (w - 2 * pad) * i / max(n - 1, 1):.1f},"
-                           f"{h - pad - (h - 2 * pad) * (math.log10(max(v, 1e-30)) - lo) / (hi - lo):.1f}"
-                           for i, v in enumerate(seq))
-            parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}"/>')
-            parts.append(f'<text x="{w - pad + 4}" y="{pad + 14 * j}" fill="{colour}">{_esc(name)}</text>')
-        xl = _esc((report or {}).get("x_label", "step"))
-        parts.append(f'<text x="{pad}" y="{h - pad + 20}">{xl} (loss on a log scale, '
-                     f'{10 ** lo:.2g} .. {10 ** hi:.2g})</text>')
-    else:
-        parts.append(f'<text x="{pad}" y="{h // 2}">no calibration losses: round-to-nearest needs no data '
-                     f'(MSAD reports its losses here once it is used)</text>')
-    parts.append(f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>')
-    top = h + 24
-    parts.append(f'<text x="{pad}" y="{top}" font-size="15">Per-block relative output error |q(x) - d(x)| / |d(x)| '
-                 f'(dense block inputs)</text>')
-    emax = max(errors.values()) if errors else 1.0
-    bw = (w - 2 * pad) / max(len(errors), 1)
-    for i, (name, e) in enumerate(errors.items()):
-        bh = (h - 2 * pad) * e / (emax or 1.0)
-        x, y = pad + i * bw, 2 * h - pad - bh
-        parts.append(f'<rect x="{x + 4:.1f}" y="{y:.1f}" width="{bw - 8:.1f}" height="{bh:.1f}" fill="#4a7ab5"/>')
-        parts.append(f'<text x="{x + 4:.1f}" y="{y - 4:.1f}">{e:.4f}</text>')
-        parts.append(f'<text x="{x + 4:.1f}" y="{2 * h - pad + 16}">{_esc(name)}</text>')
-    parts.append(f'<line x1="{pad}" y1="{2 * h - pad}" x2="{w - pad}" y2="{2 * h - pad}" stroke="black"/>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
-
-
-def _esc(s: str) -> str:
-    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 if __name__ == "__main__":
