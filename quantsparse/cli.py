@@ -20,8 +20,15 @@ from .config import BIT_SCHEMES, GROUP_SIZES, QuantSparseConfig
 GB = 1e9
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other error (exit 2), with where to look."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quantsparse", description="QuantSparse for HunyuanVideo: "
+    parser = OneLineParser(prog="quantsparse", description="QuantSparse for HunyuanVideo: "
                                      "W4A8 checkpoints for ComfyUI.")
     parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)

@@ -23,19 +23,26 @@ from . import proxy_sample as ps
 from .config import QuantSparseConfig
 from .demo_preview import calibration_svg, write_preview
 from .proxy_eval import block_errors, calibration_report, compare, find_calibrate, model_bytes
-from .proxy_train import DEFAULT_PATH, load_proxy
+from .paths import clean_stale_partials, output_folder
+from .proxy_train import DEFAULT_PATH, check_proxy_file, load_proxy
+
+
+DEMO_FILES = ("side_by_side.gif", "side_by_side.png", "calibration.svg", "summary.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quantsparse demo", description=__doc__.split("\n\n")[0])
+    from .cli import OneLineParser
+
+    p = OneLineParser(prog="quantsparse demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=str(DEFAULT_PATH), help="proxy weights (default: the shipped file)")
     p.add_argument("--out", default="quantsparse_demo", help="folder for the preview and the plot")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --out")
     p.add_argument("--clips", type=int, default=4, help="number of fixed clips (prompt, seed)")
     p.add_argument("--steps", type=int, default=ps.DEFAULT_STEPS, help="Euler steps per clip")
     p.add_argument("--bits", default="w4a8", choices=["w4a8", "w6a6", "w8a8"])
     p.add_argument("--density", type=float, default=0.15, help="sparse attention density")
-    p.add_argument("--calibrate", default="auto",
-                   help="'auto' (MSAD if available, else rtn), 'rtn', or 'module:function'")
+    p.add_argument("--calibrate", default="auto", choices=["auto", "msad", "rtn"],
+                   help="auto: MSAD (the package's calibration); rtn: round-to-nearest, no calibration")
     p.add_argument("--calib-clips", type=int, default=2, help="clips whose dense trajectories calibrate")
     p.add_argument("--calib-epochs", type=int, default=5,
                    help="calibration epochs (default 5 to stay within minutes on a CPU; the paper's recipe is 15)")
@@ -44,22 +51,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cli import one_line
+
     a = build_parser().parse_args(argv)
-    if a.clips < 1 or a.steps < 1 or not 0 < a.density <= 1:
-        print("demo: --clips and --steps must be >= 1 and --density in (0, 1]", file=sys.stderr)
+    try:
+        return run(a)
+    except ValueError as e:  # QuantSparseError included: a refusal, nothing written
+        print(f"quantsparse demo: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"quantsparse demo: error: {e.strerror or one_line(e)} ({e.filename})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def check_args(a) -> tuple[Path, Path]:
+    """Everything checked before a minute is spent and before the output folder exists."""
+    for name, value, low in (("--clips", a.clips, 1), ("--steps", a.steps, 1), ("--calib-clips", a.calib_clips, 1),
+                             ("--calib-epochs", a.calib_epochs, 0), ("--threads", a.threads, 0)):
+        if value < low:
+            raise ValueError(f"{name} {value}: must be at least {low}")
+    if not 0 < a.density <= 1:
+        raise ValueError(f"--density {a.density}: must be in (0, 1] (1 = dense attention)")
+    weights = check_proxy_file(a.weights)
+    out = output_folder(a.out, "the demo's output folder (--out)", inputs=[weights])
+    earlier = [n for n in DEMO_FILES if (out / n).exists()]
+    if earlier and not a.overwrite:
+        raise ValueError(f"{out} already holds an earlier demo's results ({', '.join(earlier)}); pass --overwrite to "
+                         "replace them, or --out NEW_FOLDER")
+    for n in DEMO_FILES:
+        clean_stale_partials(out / n)
+    return weights, out
+
+
+def run(a) -> int:
+    weights, out = check_args(a)
     if a.threads:
         torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        dense = load_proxy(a.weights)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"demo: {e}", file=sys.stderr)
-        return 1
+    dense = load_proxy(weights)
     clips = ps.benchmark_clips(a.clips)
     sparse = ps.proxy_sparse_config(a.density)
-    calib_name, calibrate = find_calibrate(a.calibrate)
+    calib_name, calibrate = find_calibrate({"auto": "auto", "msad": "auto", "rtn": "rtn"}[a.calibrate])
+    if a.calibrate == "msad" and calib_name == "rtn":  # pragma: no cover (the package ships MSAD)
+        raise ValueError("--calibrate msad: this installation has no MSAD calibration; use --calibrate rtn")
+    calib_name = "round-to-nearest" if calib_name == "rtn" else "MSAD"
     qcfg = QuantSparseConfig(bits=a.bits)
 
     print(f"proxy HunyuanVideo {a.weights}: {sum(v.numel() for v in dense.state_dict().values()) / 1e6:.1f}M "
@@ -92,6 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"time per clip on {torch.get_num_threads()} CPU thread(s): dense {t_d:.2f} s, QuantSparse {t_q:.2f} s "
           f"(the CPU runs the eager kernel references: speed is measured on the GPU, not here)")
 
+    out.mkdir(parents=True, exist_ok=True)
     gif = write_preview(out, refs, tests, clips=clips, quality=q, bits=a.bits, density=a.density)
     errs = block_errors(dense, quant, calib.inputs[:: max(1, len(calib.inputs) // 4)])
     plot = out / "calibration.svg"

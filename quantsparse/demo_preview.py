@@ -7,8 +7,8 @@ conservative text-width estimates, since nothing here can measure a browser's fo
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import re
 import struct
 import zlib
@@ -196,9 +196,9 @@ def write_preview(out: Path, refs, tests, *, clips=None, quality=None, bits: str
         return path
     path = out / "side_by_side.gif"
     imgs = [Image.fromarray(f) for f in frames]
-    tmp = path.with_name(path.name + ".tmp")
-    imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=120, loop=0)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    imgs[0].save(buf, format="GIF", save_all=True, append_images=imgs[1:], duration=120, loop=0)
+    write_bytes(path, buf.getvalue())
     return path
 
 

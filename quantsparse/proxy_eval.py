@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .calib_block import block_key
 from .hunyuan.model import HunyuanVideo
 from .metrics import psnr, ssim
 from .proxy_sample import CalibrateFn, SampleResult, decode, resolve_calibrate, rtn_calibrate
@@ -68,8 +69,8 @@ def block_errors(dense: HunyuanVideo, quant: HunyuanVideo, inputs: Sequence[tupl
     """Relative output error ``|q(x) - d(x)| / |d(x)|`` of every block, each fed the dense model's own
     block inputs (so the figure is that block's error alone, not the accumulated one), averaged over
     ``inputs`` ((x, timestep, context, y, guidance) model inputs)."""
-    names = [f"double.{i}" for i in range(len(dense.double_blocks))] + \
-            [f"single.{i}" for i in range(len(dense.single_blocks))]
+    names = [block_key("double", i) for i in range(len(dense.double_blocks))] + \
+            [block_key("single", i) for i in range(len(dense.single_blocks))]
     sums = dict.fromkeys(names, 0.0)
     for x, t, ctx, y, g in inputs:
         inp = dense.prepare(x, t, ctx, y, g)
@@ -78,12 +79,12 @@ def block_errors(dense: HunyuanVideo, quant: HunyuanVideo, inputs: Sequence[tupl
             d_img, d_txt = db(img, txt, inp.vec, inp.pe, inp.attn_mask)
             q_img, q_txt = qb(img, txt, inp.vec, inp.pe, inp.attn_mask)
             d, q = torch.cat([d_txt, d_img], 1).float(), torch.cat([q_txt, q_img], 1).float()
-            sums[f"double.{i}"] += float((q - d).norm() / d.norm())
+            sums[block_key("double", i)] += float((q - d).norm() / d.norm())
             img, txt = d_img, d_txt
         joint = torch.cat([txt, img], 1)
         for i, (db, qb) in enumerate(zip(dense.single_blocks, quant.single_blocks)):
             d, q = db(joint, inp.vec, inp.pe, inp.attn_mask), qb(joint, inp.vec, inp.pe, inp.attn_mask)
-            sums[f"single.{i}"] += float((q.float() - d.float()).norm() / d.float().norm())
+            sums[block_key("single", i)] += float((q.float() - d.float()).norm() / d.float().norm())
             joint = d
     return {k: v / max(len(inputs), 1) for k, v in sums.items()}
 

@@ -250,6 +250,29 @@ CASES = [
          lambda d: ["calibrate", str(d / "model.safetensors"), str(d / "out.safetensors"), *CALIB,
                     "--work-dir", str(d / "notes.txt")],
          "is a file, not a folder", "give a folder name"),
+    # demo
+    Case("demo-weights-is-a-checkpoint", ("ckpt.safetensors",),
+         lambda d: ["demo", "--weights", str(d / "ckpt.safetensors"), "--out", str(d / "demo")],
+         "is a QuantSparse checkpoint", "needs the full-precision proxy"),
+    Case("demo-weights-missing", (), lambda d: ["demo", "--weights", str(d / "none.safetensors"), "--out",
+                                                str(d / "demo")],
+         "does not exist", "check the path"),
+    Case("demo-weights-is-wan", ("wan.safetensors",),
+         lambda d: ["demo", "--weights", str(d / "wan.safetensors"), "--out", str(d / "demo")],
+         "looks like a Wan 2.x model", "Use the bundled proxy"),
+    Case("demo-unknown-calibration", (), lambda d: ["demo", "--calibrate", "bogus", "--out", str(d / "demo")],
+         "invalid choice: 'bogus'", "see quantsparse demo --help"),
+    Case("demo-out-is-a-file", ("notes.txt",), lambda d: ["demo", "--out", str(d / "notes.txt")],
+         "is a file, not a folder", "give a folder name"),
+    Case("demo-out-holds-earlier-results", (), lambda d: ["demo", "--out", str(d / "demo")],
+         "already holds an earlier demo's results (summary.json)", "pass --overwrite",
+         setup=lambda d: ((d / "demo").mkdir(), (d / "demo" / "summary.json").write_text("{}"))),
+    Case("demo-zero-clips", (), lambda d: ["demo", "--clips", "0", "--out", str(d / "demo")],
+         "--clips 0", "must be at least 1"),
+    # usage mistakes: argparse's message, on one line
+    Case("convert-unknown-bits", ("model.safetensors",),
+         lambda d: ["convert", str(d / "model.safetensors"), str(d / "o.safetensors"), "--bits", "w3a3"],
+         "invalid choice: 'w3a3'", "see quantsparse convert --help"),
     # inspect
     Case("inspect-missing", (), lambda d: ["inspect", str(d / "nope.safetensors")], "does not exist", "check the path"),
     Case("inspect-plain-model", ("model.safetensors",), lambda d: ["inspect", str(d / "model.safetensors")],
@@ -273,7 +296,10 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(case, originals, tmp_pa
         if case.setup:
             case.setup(d)
         before = snapshot(d)
-        code = cli.main(case.argv(d))
+        try:
+            code = cli.main(case.argv(d))
+        except SystemExit as e:  # argparse's own exit after printing its message
+            code = e.code
         err = capsys.readouterr().err
         after = snapshot(d)
     finally:

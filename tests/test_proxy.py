@@ -224,20 +224,25 @@ def test_demo_runs_end_to_end_on_a_shrunken_setting(tmp_path, capsys):
     assert math.isfinite(summary["psnr"]) and 0 < summary["ssim"] <= 1
     assert summary["quantsparse_bytes"] < summary["dense_bytes"] / 2
     assert summary["achieved_density"] == pytest.approx(0.15)
-    assert set(summary["block_errors"]) == {"double.0", "double.1"} | {f"single.{i}" for i in range(4)}
+    assert set(summary["block_errors"]) == {"double_00", "double_01"} | {f"single_{i:02d}" for i in range(4)}
     preview = next(tmp_path.glob("side_by_side.*"))
     assert preview.stat().st_size > 1000
     svg = (tmp_path / "calibration.svg").read_text()
-    assert svg.startswith("<svg") and "single.3" in svg
-    assert summary["calibration"] != "rtn"  # MSAD through the calibrate_fn seam (proxy_msad)
+    assert svg.startswith("<svg") and "single_03" in svg
+    assert summary["calibration"] == "MSAD"  # through the calibrate_fn seam (proxy_msad)
+    # run again: the earlier results are not replaced unasked
+    assert main(["--clips", "1", "--steps", "2", "--out", str(tmp_path)]) == 2
+    assert "already holds an earlier demo's results" in capsys.readouterr().err
     assert "<polyline" in svg  # its per-block losses are plotted
 
 
 def test_demo_reports_missing_weights(tmp_path, capsys):
     from comfyui_quantsparse.quantsparse.demo import main
 
-    assert main(["--weights", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)]) == 1
-    assert "proxy_train" in capsys.readouterr().err
+    assert main(["--weights", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quantsparse demo: error: the proxy weights (--weights)") and "does not exist" in err
+    assert not (tmp_path / "demo").exists()  # nothing created for a run that did not start
 
 
 def _bench():
