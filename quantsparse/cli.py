@@ -15,16 +15,10 @@ import time
 from collections import Counter
 from typing import Sequence, TextIO
 
+from .cli_common import OneLineParser, one_line
 from .config import BIT_SCHEMES, GROUP_SIZES, QuantSparseConfig
 
 GB = 1e9
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line like every other error (exit 2), with where to look."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -101,10 +95,6 @@ def version_line() -> str:
     from .version import __version__
 
     return f"quantsparse {__version__} (comfyui-quantsparse; checkpoint format {FORMAT_VERSION})"
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

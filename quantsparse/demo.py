@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from .atomic_io import write_text
+from .cli_common import OneLineParser, one_line
 from . import proxy_sample as ps
 from .config import QuantSparseConfig
 from .demo_preview import calibration_svg, write_preview
@@ -31,8 +32,6 @@ DEMO_FILES = ("side_by_side.gif", "side_by_side.png", "calibration.svg", "summar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import OneLineParser
-
     p = OneLineParser(prog="quantsparse demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=str(DEFAULT_PATH), help="proxy weights (default: the shipped file)")
     p.add_argument("--out", default="quantsparse_demo", help="folder for the preview and the plot")
@@ -51,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import one_line
-
     a = build_parser().parse_args(argv)
     try:
         return run(a)
