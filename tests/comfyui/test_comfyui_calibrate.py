@@ -12,11 +12,11 @@ import pytest
 
 from .test_comfyui_server import succeeded
 from .test_comfyui_workflows import only
-from .workflow_api import assert_links_resolve, to_api
+from .workflow_api import assert_links_resolve, load_build, to_api
 
 pytestmark = pytest.mark.comfyui
 
-CALIBRATE = pathlib.Path(__file__).resolve().parents[2] / "workflows" / "quantsparse_calibrate.json"
+CALIBRATE = pathlib.Path(__file__).resolve().parents[2] / "workflows" / f"{load_build().CALIBRATION}.json"
 NAME = "qs_test_calibrated"
 
 
@@ -101,15 +101,18 @@ def test_calibration_workflow_writes_a_checkpoint_the_loader_lists(comfy_server,
 
 
 def test_file_names_cannot_leave_the_folder(comfy_server, tiny_files):
+    """Refused when queued (the node's validate_inputs): /prompt answers 400 with a node error that names the
+    file_name rule, nothing runs and nothing is written."""
     prompt, calib = calibration_prompt(comfy_server, tiny_files, name="../escape")
-    entry = comfy_server.run(prompt)
-    assert entry["status"]["status_str"] == "error"
-    assert "is not allowed" in _error_text(entry)
+    code, answer = comfy_server.post_prompt(prompt)
+    assert code == 400, answer
+    errors = answer["node_errors"][calib]["errors"]
+    assert any(e["extra_info"].get("input_name") == "file_name" and "is not allowed" in e["details"] for e in errors)
     assert not (comfy_server.base / "models" / "escape.safetensors").exists()
 
 
 def test_a_model_that_is_not_hunyuan_video_is_refused(comfy_inprocess):
-    from comfyui_quantsparse.nodes.calibrate import full_model_of
+    from comfyui_quantsparse.nodes.calibrate import full_state_of
 
     class Flux:  # what a Flux MODEL's .model is, as far as the check can tell
         pass
@@ -118,4 +121,4 @@ def test_a_model_that_is_not_hunyuan_video_is_refused(comfy_inprocess):
         model = Flux()
 
     with pytest.raises(ValueError, match="needs a HunyuanVideo \\(T2V\\) MODEL, but this MODEL is Flux"):
-        full_model_of(Patcher())
+        full_state_of(Patcher())

@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 
 from .test_comfyui_server import succeeded
 from .test_comfyui_workflows import only
-from .workflow_api import assert_links_resolve, to_api
+from .workflow_api import assert_links_resolve, load_build, to_api
 
 pytestmark = pytest.mark.comfyui
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-WORKFLOW = REPO / "workflows" / "quantsparse_dense_vs_quantsparse.json"
+WORKFLOW = REPO / "workflows" / f"{load_build().DENSE_VS_QUANTSPARSE}.json"
 PROXY_NAME = "qs_proxy_bf16.safetensors"
 PROXY_W4A8 = "qs_proxy_w4a8.safetensors"
 SCALE = 0.476986  # ComfyUI's HunyuanVideo latent_format.scale_factor: saved latents are model latents / SCALE

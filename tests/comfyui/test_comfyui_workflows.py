@@ -1,5 +1,8 @@
 """The example workflows against a real ComfyUI: every node type exists, every widget value fits its
-input, and the text-to-video workflow itself runs through /prompt with the tiny model substituted."""
+input, each node's widget values read by name (the frontend's rule, through /object_info) are the ones
+workflows/build.py gave, the template browser's routes serve the workflows and their thumbnails, the
+download links are ComfyUI's own, and the text-to-video workflow itself runs through /prompt with the
+tiny model substituted."""
 
 from __future__ import annotations
 
@@ -7,6 +10,9 @@ import copy
 import dataclasses
 import json
 import pathlib
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import pytest
 import torch
@@ -14,14 +20,17 @@ from safetensors.torch import load_file
 
 from .test_comfyui_server import succeeded
 from .test_comfyui_sparse import summary
-from .workflow_api import CONTROL, assert_links_resolve, to_api, widget_inputs
+from .conftest import PACK_DIR_NAME
+from .workflow_api import VIRTUAL, assert_links_resolve, load_build, named_widgets, to_api, widget_inputs
 
 pytestmark = pytest.mark.comfyui
 
+BUILD = load_build()
 WORKFLOWS_DIR = pathlib.Path(__file__).resolve().parents[2] / "workflows"
-WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*.json"))
-TEXT_TO_VIDEO = WORKFLOWS_DIR / "quantsparse_text_to_video.json"
+WORKFLOWS = sorted(WORKFLOWS_DIR / name for name in BUILD.WORKFLOWS)
+TEXT_TO_VIDEO = WORKFLOWS_DIR / f"{BUILD.TEXT_TO_VIDEO}.json"
 MODEL_WIDGETS = {"ckpt_name", "clip_name1", "clip_name2", "vae_name", "unet_name"}  # files a user supplies
+STOCK_LOADERS = ("UNETLoader", "DualCLIPLoader", "VAELoader")
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -29,23 +38,91 @@ def test_workflow_nodes_and_widgets_exist_in_comfyui(comfy_server, path):
     info = comfy_server.get("/object_info")
     graph = json.loads(path.read_text())
     for node in graph["nodes"]:
+        if node["type"] in VIRTUAL:  # frontend-only (the note): checked in the browser test
+            continue
         assert node["type"] in info, f"{path.name}: node type {node['type']} is not registered"
         widgets = widget_inputs(info[node["type"]])
         assert len(node["widgets_values"]) == len(widgets), (node["type"], node["widgets_values"], widgets)
         for value, (name, spec) in zip(node["widgets_values"], widgets):
             options = spec[0] if isinstance(spec[0], list) else spec[1].get("options") if spec[0] == "COMBO" else None
-            if options and name not in MODEL_WIDGETS and name != CONTROL:
+            if options and name not in MODEL_WIDGETS:
                 assert value in options, f"{node['type']}.{name}={value!r} not in {options[:8]}"
             if spec[0] in ("INT", "FLOAT"):
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), (node["type"], name, value)
                 lo, hi = spec[1].get("min", float("-inf")), spec[1].get("max", float("inf"))
                 assert lo <= value <= hi, f"{node['type']}.{name}={value!r} outside [{lo}, {hi}]"
+            if spec[0] == "BOOLEAN":
+                assert isinstance(value, bool), f"{node['type']}.{name}={value!r} is not a boolean"
+
+
+@pytest.mark.parametrize("name", sorted(BUILD.WORKFLOWS))
+def test_widget_values_by_name_are_the_built_ones(comfy_server, name):
+    """Each node's ``widgets_values``, named as the frontend names them (its control-widget rule applied to
+    this server's /object_info), are exactly build.py's name -> value pairs, in order: a missing or extra
+    value anywhere (e.g. no value for a seed's control widget) shifts every later name and fails here."""
+    info = comfy_server.get("/object_info")
+    graph = json.loads((WORKFLOWS_DIR / name).read_text())
+    built = {n.id: n for n in BUILD.WORKFLOWS[name]().nodes}
+    assert sorted(n["id"] for n in graph["nodes"]) == sorted(built)
+    for node in graph["nodes"]:
+        expected = list(built[node["id"]].widgets.items())
+        assert named_widgets(node, info) == expected, f"{name}: node {node['id']} ({node['type']})"
+
+
+def test_the_control_widget_rule_matches_the_frontend_source():
+    """The rule in workflow_api.extra_widgets, on the cases the frontend's useIntWidget / useFloatWidget /
+    addComboWidget distinguish (see its docstring); the browser test checks it on the real frontend."""
+    from .workflow_api import CONTROL, FILTER, extra_widgets
+
+    assert extra_widgets("INT", "seed", {}) == [CONTROL]  # by name alone
+    assert extra_widgets("INT", "noise_seed", {}) == [CONTROL]
+    assert extra_widgets("INT", "seed", {"control_after_generate": False}) == []  # an explicit false wins
+    assert extra_widgets("INT", "seed", {"control_after_generate": "fixed"}) == [CONTROL]
+    assert extra_widgets("INT", "steps", {}) == []
+    assert extra_widgets("INT", "steps", {"control_after_generate": True}) == [CONTROL]
+    assert extra_widgets("FLOAT", "seed", {}) == []  # the name rule is the INT widget's only
+    assert extra_widgets("FLOAT", "cfg", {"control_after_generate": True}) == [CONTROL]
+    assert extra_widgets("COMBO", "seed", {}) == []
+    assert extra_widgets("COMBO", "sampler", {"control_after_generate": True}) == [CONTROL, FILTER]
+    assert extra_widgets("STRING", "seed", {"control_after_generate": True}) == []
 
 
 def test_workflows_are_listed_as_templates(comfy_server):
-    """ComfyUI's template browser lists a custom node's workflows/ folder (it accepts that name)."""
+    """ComfyUI's template browser lists the pack's workflows/ folder by file stem (the title the frontend
+    shows) and serves each workflow and its <stem>.jpg thumbnail where the frontend asks for them."""
     templates = comfy_server.get("/workflow_templates")
-    ours = [files for files in templates.values() if "quantsparse_text_to_video" in json.dumps(files)]
-    assert ours, templates
+    stems = [name[: -len(".json")] for name in BUILD.WORKFLOWS]
+    assert sorted(templates.get(PACK_DIR_NAME, [])) == sorted(stems), templates
+    for stem in stems:
+        base = f"{comfy_server.url}/api/workflow_templates/{PACK_DIR_NAME}/{urllib.parse.quote(stem)}"
+        with urllib.request.urlopen(base + ".json", timeout=30) as r:
+            assert json.loads(r.read()) == json.loads((WORKFLOWS_DIR / f"{stem}.json").read_text())
+        with urllib.request.urlopen(base + ".jpg", timeout=30) as r:
+            data = r.read()
+            assert r.headers.get_content_type() == "image/jpeg" and data[:3] == b"\xff\xd8\xff", stem
+            assert data == (WORKFLOWS_DIR / f"{stem}.jpg").read_bytes()
+
+
+def test_model_links_are_comfyuis_own(comfy_server):
+    """The stock loaders' ``properties.models`` (what the missing-models panel downloads) are the entries of
+    ComfyUI's own HunyuanVideo template for the same files, as this ComfyUI serves that template."""
+    try:
+        stock = comfy_server.get(f"/templates/{BUILD.STOCK_TEMPLATE}")
+    except urllib.error.HTTPError as e:
+        pytest.skip(f"this ComfyUI does not serve /templates/{BUILD.STOCK_TEMPLATE} ({e}); "
+                    "install comfyui-workflow-templates to compare the download links")
+    theirs = {m["name"]: m for n in stock["nodes"] for m in n.get("properties", {}).get("models", [])}
+    assert set(BUILD.MODEL_LINKS) <= set(theirs), sorted(theirs)
+    seen = set()
+    for name in BUILD.WORKFLOWS:
+        for node in json.loads((WORKFLOWS_DIR / name).read_text())["nodes"]:
+            if node["type"] not in STOCK_LOADERS:
+                continue
+            models = node["properties"].get("models")
+            files = [v for v in node["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
+            assert models == [theirs[f] for f in files], f"{name}: {node['type']}"
+            seen.update(files)
+    assert seen == set(BUILD.MODEL_LINKS)  # every link is used, none is left unchecked
 
 
 def only(prompt: dict, class_type: str) -> str:
