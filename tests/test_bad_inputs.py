@@ -425,3 +425,34 @@ def test_commands_as_a_user_runs_them(originals, tmp_path):
                  str(tmp_path / "out.safetensors")], REPO)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out.safetensors").exists()
+
+
+def test_a_calibration_worse_than_round_to_nearest_is_marked_and_said():
+    """The record carries the warning (a shared file keeps it), inspect and the loader print it, the command
+    names the blocks."""
+    from comfyui_quantsparse.quantsparse.calib_job import worse_than_rtn_lines
+    from comfyui_quantsparse.quantsparse.calib_settings import CalibSettings
+    from comfyui_quantsparse.quantsparse.provenance import calibration_lines, calibration_record
+
+    def block(rtn, final):
+        m = {"out": final, "global": 1.0, "local": 1.0}
+        return {"rtn": {"out": rtn, "global": 1.0, "local": 1.0}, "final": m, "lambda_global": 1.0,
+                "lambda_local": 1.0, "seconds": 1.0}
+
+    record = calibration_record(base_model="m", settings=CalibSettings(), prompts=1, samples=2, width=64, height=64,
+                                frames=5, steps=3, blocks={"double_00": block(1.0, 0.5), "single_00": block(1.0, 2.0)},
+                                seconds=1.0)
+    assert record["losses"]["worse_than_rtn"] and record["losses"]["worse_blocks"] == ["single_00"]
+    said = worse_than_rtn_lines(record)
+    assert len(said) == 1 and said[0].startswith("WARNING: this calibration ends worse than round-to-nearest")
+    assert "single_00" in said[0] and "`quantsparse convert`" in said[0]
+    assert any(line.strip().startswith("WARNING: worse than round-to-nearest overall; worse blocks: single_00")
+               for line in calibration_lines(record))
+    better = calibration_record(base_model="m", settings=CalibSettings(), prompts=1, samples=2, width=64, height=64,
+                                frames=5, steps=3, blocks={"double_00": block(1.0, 0.5), "single_00": block(1.0, 1.1)},
+                                seconds=1.0)
+    assert not better["losses"]["worse_than_rtn"]
+    assert worse_than_rtn_lines(better) == [
+        "note: 1 block(s) end with a higher output error than round-to-nearest (their attention terms improved "
+        "instead): single_00"]
+    assert not any("WARNING" in line for line in calibration_lines(better))
