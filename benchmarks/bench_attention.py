@@ -27,8 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import bench_ms, environment, rel_err, write_json  # noqa: E402
 
-from comfyui_quantsparse.quantsparse.masks import build_mask  # noqa: E402
-from comfyui_quantsparse.quantsparse.sparse_attention import masked_attention  # noqa: E402
+from comfyui_quantsparse.quantsparse.sparse.masks import build_mask  # noqa: E402
+from comfyui_quantsparse.quantsparse.sparse.masked import masked_attention  # noqa: E402
 from comfyui_quantsparse.kernels.sparse_attention import (  # noqa: E402
     block_mask, block_sparse_attention_triton, complement_lists, row_mask,
 )

@@ -26,11 +26,11 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write_json  # noqa: E402
 
-from comfyui_quantsparse.quantsparse.calib_block import calibrate_block  # noqa: E402
-from comfyui_quantsparse.quantsparse.calib_settings import CalibSettings  # noqa: E402
-from comfyui_quantsparse.quantsparse.capture import latent_shape  # noqa: E402
-from comfyui_quantsparse.quantsparse.hunyuan.blocks import DoubleStreamBlock, SingleStreamBlock  # noqa: E402
-from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims  # noqa: E402
+from comfyui_quantsparse.quantsparse.calib.block import calibrate_block  # noqa: E402
+from comfyui_quantsparse.quantsparse.calib.settings import CalibSettings  # noqa: E402
+from comfyui_quantsparse.quantsparse.calib.capture import latent_shape  # noqa: E402
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.blocks import DoubleStreamBlock, SingleStreamBlock  # noqa: E402
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims  # noqa: E402
 
 
 def random_block(block: nn.Module, seed: int) -> nn.Module:

@@ -126,7 +126,7 @@ def environment(device: torch.device) -> dict:
 
 def unet_config(comfy, dims) -> dict:
     """ComfyUI's detection config for these dims (read from key shapes on the meta device: no memory)."""
-    from comfyui_quantsparse.quantsparse.hunyuan.model import reference_state_shapes
+    from comfyui_quantsparse.quantsparse.models.hunyuan_video.model import reference_state_shapes
 
     sd = {k: torch.empty(s, device="meta") for k, s in reference_state_shapes(dims).items()}
     cfg = comfy.detection.detect_unet_config(sd, "")
@@ -313,9 +313,9 @@ def convert_in_place(comfy, cfg, dense, dims, device, dtype) -> tuple[torch.nn.M
     """A second ComfyUI HunyuanVideo with our operations, loaded block by block from ``dense``'s weights
     quantized on the device; each dense block's storage is freed once its quantized twin holds it."""
     from comfyui_quantsparse.nodes.ops import quantized_modules, quantsparse_ops
-    from comfyui_quantsparse.quantsparse.checkpoint import FLOAT_DTYPE, checkpoint_plan, quantized_layers
-    from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
-    from comfyui_quantsparse.quantsparse.quantizer import kind_bits, quantize_weight
+    from comfyui_quantsparse.quantsparse.checkpoint.format import FLOAT_DTYPE, checkpoint_plan, quantized_layers
+    from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
+    from comfyui_quantsparse.quantsparse.core.quantizer import kind_bits, quantize_weight
 
     qconfig = QuantSparseConfig(bits="w4a8")
     layers = quantized_layers(dims, qconfig)
@@ -372,7 +372,7 @@ def convert_in_place(comfy, cfg, dense, dims, device, dtype) -> tuple[torch.nn.M
 # ---------------------------------------------------------------------------------------------- QuantSparse
 
 def schedule(config):
-    from comfyui_quantsparse.quantsparse.ssar import step_kind
+    from comfyui_quantsparse.quantsparse.sparse.ssar import step_kind
 
     kinds = [step_kind(s, STEPS, config) for s in range(STEPS)]
     return kinds, Counter(kinds)
@@ -628,8 +628,8 @@ def main():
     prof_path = os.path.join(args.out, f"e2e_profile_{tag}.json")
 
     comfy = import_comfy(cpu=tiny)
-    from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims
-    from comfyui_quantsparse.quantsparse.sparse_config import SparseConfig
+    from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
+    from comfyui_quantsparse.quantsparse.sparse.config import SparseConfig
 
     dims = HunyuanVideoDims.tiny() if tiny else HunyuanVideoDims.full()
     config = SparseConfig(density=0.15, mask_mode="svg", refresh_interval=5)

@@ -22,8 +22,8 @@ from _common import bench_ms, environment, rel_err, write_json  # noqa: E402
 
 from comfyui_quantsparse import kernels  # noqa: E402
 from comfyui_quantsparse.kernels import act_quant_triton, w4a8, w8a8  # noqa: E402
-from comfyui_quantsparse.quantsparse.qlinear import nontrivial_smooth, quantized_linear  # noqa: E402
-from comfyui_quantsparse.quantsparse.quantizer import quantize_weight  # noqa: E402
+from comfyui_quantsparse.quantsparse.core.qlinear import nontrivial_smooth, quantized_linear  # noqa: E402
+from comfyui_quantsparse.quantsparse.core.quantizer import quantize_weight  # noqa: E402
 
 SHAPES = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]  # (K, N)
 TOKENS = [30210, 118800]

@@ -1,7 +1,7 @@
 """Quality of each piece of QuantSparse on the trained proxy: PSNR / SSIM against the dense BF16 proxy.
 
 Every method samples the same fixed clips (prompt, seed) with the same Euler flow-matching schedule as
-ComfyUI (``quantsparse/proxy_sample.py``); quality is measured on decoded pixels against the dense BF16
+ComfyUI (``quantsparse/proxy/sample.py``); quality is measured on decoded pixels against the dense BF16
 proxy's clips of the same seeds. Methods (issue 5):
 
     rtn                   W4A8 / W6A6 round-to-nearest, dense attention
@@ -35,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-from comfyui_quantsparse.quantsparse import proxy_sample as ps
-from comfyui_quantsparse.quantsparse.atomic_io import write_text
-from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
-from comfyui_quantsparse.quantsparse.proxy_eval import compare, find_calibrate
-from comfyui_quantsparse.quantsparse.proxy_train import DEFAULT_PATH, load_proxy
+from comfyui_quantsparse.quantsparse.proxy import sample as ps
+from comfyui_quantsparse.quantsparse.core.atomic_io import write_text
+from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
+from comfyui_quantsparse.quantsparse.proxy.eval import compare, find_calibrate
+from comfyui_quantsparse.quantsparse.proxy.train import DEFAULT_PATH, load_proxy
 
 HERE = Path(__file__).resolve().parent
 DENSITIES = (0.15, 0.25)
@@ -49,7 +49,7 @@ def plan(bits_list, densities, have_msad: bool):
     """(method, bits, density, calibration variant or None, ssar order or None) rows, in table order.
 
     ``variant``: None = BF16 weights; "rtn"; "msad" / "no-global" / "no-local" = calibrations.
-    ``ssar``: None = dense attention; 0, 1, 2 = sparse with that SSAR order.
+    ``sparse.ssar``: None = dense attention; 0, 1, 2 = sparse with that SSAR order.
     """
     rows = []
     for bits in bits_list:

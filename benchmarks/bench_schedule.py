@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from comfyui_quantsparse.quantsparse import proxy_sample as ps
-from comfyui_quantsparse.quantsparse.atomic_io import write_text
-from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
-from comfyui_quantsparse.quantsparse.proxy_eval import compare, find_calibrate
-from comfyui_quantsparse.quantsparse.proxy_train import DEFAULT_PATH, load_proxy
-from comfyui_quantsparse.quantsparse.ssar import step_kind
+from comfyui_quantsparse.quantsparse.proxy import sample as ps
+from comfyui_quantsparse.quantsparse.core.atomic_io import write_text
+from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
+from comfyui_quantsparse.quantsparse.proxy.eval import compare, find_calibrate
+from comfyui_quantsparse.quantsparse.proxy.train import DEFAULT_PATH, load_proxy
+from comfyui_quantsparse.quantsparse.sparse.ssar import step_kind
 
 HERE = Path(__file__).resolve().parent
 SCHEDULES = ((0.25, 5, 2), (0.25, 5, 0), (0.1, 5, 2), (0.1, 10, 2), (0.04, 5, 2), (0.04, 10, 2), (0.0, 10, 2))

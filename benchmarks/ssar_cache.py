@@ -28,11 +28,11 @@ import time
 
 import torch
 
-from comfyui_quantsparse.quantsparse.hunyuan.attention import apply_rope, rope_freqs
-from comfyui_quantsparse.quantsparse.masks import svg_mask
-from comfyui_quantsparse.quantsparse.sparse_attention import masked_attention
-from comfyui_quantsparse.quantsparse.sparse_config import SparseConfig
-from comfyui_quantsparse.quantsparse.ssar import (
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.attention import apply_rope, rope_freqs
+from comfyui_quantsparse.quantsparse.sparse.masks import svg_mask
+from comfyui_quantsparse.quantsparse.sparse.masked import masked_attention
+from comfyui_quantsparse.quantsparse.sparse.config import SparseConfig
+from comfyui_quantsparse.quantsparse.sparse.ssar import (
     CacheLayout, DEFAULT_LAYOUT, SSARState, cache_bytes_for, correction_error, merged_residual,
 )
 

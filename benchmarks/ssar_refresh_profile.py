@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write_json  # noqa: E402
 
-from comfyui_quantsparse.quantsparse.sparse_config import SparseConfig  # noqa: E402
-from comfyui_quantsparse.quantsparse.ssar import SSARState  # noqa: E402
+from comfyui_quantsparse.quantsparse.sparse.config import SparseConfig  # noqa: E402
+from comfyui_quantsparse.quantsparse.sparse.ssar import SSARState  # noqa: E402
 
 TXT = 256
 

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from comfyui_quantsparse.quantsparse.checkpoint import validate_checkpoint
-from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
-from comfyui_quantsparse.quantsparse.convert import convert_file
-from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims
-from comfyui_quantsparse.quantsparse.hunyuan.model import reference_state_shapes
-from comfyui_quantsparse.quantsparse.hunyuan.random_weights import iter_random_state, make_random_state_dict
-from comfyui_quantsparse.quantsparse.safetensors_io import TensorSpec, write_safetensors
+from comfyui_quantsparse.quantsparse.checkpoint.format import validate_checkpoint
+from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
+from comfyui_quantsparse.quantsparse.checkpoint.convert import convert_file
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.model import reference_state_shapes
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import iter_random_state, make_random_state_dict
+from comfyui_quantsparse.quantsparse.core.safetensors_io import TensorSpec, write_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_W4A8_BYTES = 6.6e9

@@ -17,26 +17,31 @@ import os
 import pathlib
 import re
 
-import torch
-
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
-from ..quantsparse.calib_job import CalibrationInfo, calibrate_to_file, capture_fingerprint, worse_than_rtn_lines
-from ..quantsparse.calib_settings import CalibSettings
-from ..quantsparse.calibrate import RunOptions, state_fingerprint
-from ..quantsparse.capture import (DEFAULT_GUIDANCE, Conditioning, capture_plan, latent_shape, record,
-                                   steps_by_prompt)
-from ..quantsparse.checkpoint import checkpoint_replaceable, validate_checkpoint
-from ..quantsparse.config import BIT_SCHEMES
-from ..quantsparse.hunyuan.dims import HunyuanVideoDims, dims_from_state_dict
-from ..quantsparse.hunyuan.model import HunyuanVideo
-from ..quantsparse.paths import probe_writable
-from ..quantsparse.provenance import calibration_lines
+from ..quantsparse.calib.capture import (
+    DEFAULT_GUIDANCE,
+    Conditioning,
+    capture_plan,
+    latent_shape,
+    record,
+    steps_by_prompt,
+)
+from ..quantsparse.calib.driver import RunOptions, state_fingerprint
+from ..quantsparse.calib.job import CalibrationInfo, calibrate_to_file, capture_fingerprint, worse_than_rtn_lines
+from ..quantsparse.calib.provenance import calibration_lines
+from ..quantsparse.calib.settings import CalibSettings
+from ..quantsparse.checkpoint.format import checkpoint_replaceable, validate_checkpoint
+from ..quantsparse.core.config import BIT_SCHEMES
+from ..quantsparse.core.paths import probe_writable
+from ..quantsparse.models.hunyuan_video.dims import HunyuanVideoDims, dims_from_state_dict
+from ..quantsparse.models.hunyuan_video.model import HunyuanVideo
 from .folders import FOLDER
 from .model import load_quantsparse_model
 

@@ -27,6 +27,7 @@ import torch
 from .. import kernels
 from .ops import QuantSparseLinear
 
+
 def _fusable(*layers) -> bool:
     return all(isinstance(m, QuantSparseLinear) and m.takes_int8_input for m in layers)
 

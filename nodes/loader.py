@@ -6,8 +6,8 @@ import os
 
 from comfy_api.latest import io, ui
 
-from ..quantsparse.checkpoint import validate_checkpoint
-from ..quantsparse.provenance import summary_lines
+from ..quantsparse.calib.provenance import summary_lines
+from ..quantsparse.checkpoint.format import validate_checkpoint
 from .folders import checkpoint_path, list_checkpoints
 from .model import load_quantsparse_model
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import comfy.sd
 
-from ..quantsparse.checkpoint import load_checkpoint
+from ..quantsparse.checkpoint.format import load_checkpoint
 from .fused_blocks import install_fused_blocks
 from .ops import QuantSparseLinear, quantized_modules, quantsparse_ops
 from .patcher import QuantSparseModelPatcher

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
-
 import comfy.model_management
 import comfy.ops
+import torch
 
-from ..quantsparse.qlinear import activation_qmax, nontrivial_smooth, quantized_gemm, quantized_linear
-from ..quantsparse.quantizer import is_packed, kind_bits
+from ..quantsparse.core.qlinear import activation_qmax, nontrivial_smooth, quantized_gemm, quantized_linear
+from ..quantsparse.core.quantizer import is_packed, kind_bits
 
 LORA_UNSUPPORTED = (
     "LoRA is not supported on QuantSparse quantized layers yet: apply the LoRA to the BF16 model "

@@ -8,10 +8,11 @@ memory management are exactly the stock ones; what it adds is the run's summary 
 from __future__ import annotations
 
 import comfy.samplers
-import nodes as comfy_nodes  # ComfyUI's nodes.py: common_ksampler
 from comfy_api.latest import io, ui
 
-from ..quantsparse.attention_override import format_summary
+import nodes as comfy_nodes  # ComfyUI's nodes.py: common_ksampler
+
+from ..quantsparse.sparse.override import format_summary
 from .sparse_patch import apply_sparse_patch, check_blocks, config_from_widgets, sparse_inputs
 
 

@@ -1,7 +1,7 @@
 """The "QuantSparse Attention" MODEL patch: sparse attention + SSAR for any stock sampler.
 
 ComfyUI glue only (research/comfyui.md sections 2 and 3, EasyCache's pattern); the decisions and the
-math live in ``quantsparse/attention_override.py``. On a clone of the patcher it installs:
+math live in ``quantsparse/sparse/override.py``. On a clone of the patcher it installs:
 
 - ``transformer_options["quantsparse"]``: a ``SparsePatch`` holding the settings (and the last run's
   summary, which the QuantSparse Sampler node shows);
@@ -21,16 +21,14 @@ import logging
 import math
 from typing import Any, Optional
 
-import torch
-
 import comfy.model_patcher
 import comfy.patcher_extension
+import torch
 from comfy_api.latest import io
 
-from ..quantsparse.attention_override import (SparseRun, format_summary, key_padding_from_mask,
-                                              sparse_attention_call)
-from ..quantsparse.sparse_config import MASK_MODES, SparseConfig
-from ..quantsparse.ssar import DENSE
+from ..quantsparse.sparse.config import MASK_MODES, SparseConfig
+from ..quantsparse.sparse.override import SparseRun, format_summary, key_padding_from_mask, sparse_attention_call
+from ..quantsparse.sparse.ssar import DENSE
 
 PATCH_KEY = "quantsparse"          # SparsePatch (settings), on the patched model's options
 RUN_KEY = "quantsparse_run"        # SparseRun, only inside a sampling run's options copy

@@ -1,6 +1,6 @@
 """`quantsparse` command line: convert or calibrate a BF16 HunyuanVideo file, inspect a checkpoint.
 
-Every input and output is checked before any work (``paths``); errors are the library's own messages
+Every input and output is checked before any work (``core.paths``); errors are the library's own messages
 (they name the file, the problem and the fix), printed as one line without a traceback: a user mistake
 is not a crash. Exit status: 0 done, 2 refused (nothing written), 1 the system failed (disk, I/O),
 130 interrupted.
@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Sequence, TextIO
 
 from .cli_common import OneLineParser, one_line
-from .config import BIT_SCHEMES, GROUP_SIZES, QuantSparseConfig
+from .core.config import BIT_SCHEMES, GROUP_SIZES, QuantSparseConfig
 
 GB = 1e9
 
@@ -50,7 +50,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_calibrate(sub) -> None:
-    from .calib_settings import CalibSettings
+    from .calib.settings import CalibSettings
 
     d = CalibSettings()
     cal = sub.add_parser(
@@ -91,8 +91,8 @@ def _add_calibrate(sub) -> None:
 
 
 def version_line() -> str:
-    from .checkpoint import FORMAT_VERSION
-    from .version import __version__
+    from .checkpoint.format import FORMAT_VERSION
+    from .core.version import __version__
 
     return f"quantsparse {__version__} (comfyui-quantsparse; checkpoint format {FORMAT_VERSION})"
 
@@ -177,7 +177,7 @@ def _log(msg: str) -> None:
 
 
 def _convert(args) -> int:
-    from .convert import convert_file
+    from .checkpoint.convert import convert_file
 
     config = QuantSparseConfig(bits=args.bits, group_size=args.group_size, rotate=not args.no_rotate)
     result = convert_file(args.src, args.dst, config, overwrite=args.overwrite, progress=_ProgressLine(sys.stderr),
@@ -189,12 +189,21 @@ def _convert(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from .calib_job import (CalibrationInfo, calibrate_to_file, capture_fingerprint, check_output, check_work_dir,
-                            load_conditioning, load_full_model, random_conditioning, worse_than_rtn_lines)
-    from .calib_settings import CalibSettings
-    from .calibrate import RunOptions
-    from .capture import capture_plan, latent_shape, sample_and_capture
-    from .convert import inspect_source
+    from .calib.capture import capture_plan, latent_shape, sample_and_capture
+    from .calib.driver import RunOptions
+    from .calib.job import (
+        CalibrationInfo,
+        calibrate_to_file,
+        capture_fingerprint,
+        check_output,
+        check_work_dir,
+        load_conditioning,
+        load_full_model,
+        random_conditioning,
+        worse_than_rtn_lines,
+    )
+    from .calib.settings import CalibSettings
+    from .checkpoint.convert import inspect_source
 
     # Everything checked before the model is loaded or sampled: a mistake costs a second, not an hour.
     settings = CalibSettings(bits=args.bits, density=args.density, sparse_attention=args.sparse_calibration,
@@ -243,9 +252,9 @@ def _calibrate(args) -> int:
 
 
 def _inspect(path: str, out: TextIO, blocks: bool = False) -> int:
-    from .checkpoint import validate_checkpoint
-    from .paths import input_file
-    from .provenance import block_table, calibration_lines, sparse_lines
+    from .calib.provenance import block_table, calibration_lines, sparse_lines
+    from .checkpoint.format import validate_checkpoint
+    from .core.paths import input_file
 
     info = validate_checkpoint(input_file(path, "the checkpoint", suffixes=()))
     d, c = info.dims, info.config

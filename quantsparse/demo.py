@@ -18,15 +18,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from .atomic_io import write_text
 from .cli_common import OneLineParser, one_line
-from . import proxy_sample as ps
-from .config import QuantSparseConfig
+from .core.atomic_io import write_text
+from .core.config import QuantSparseConfig
+from .core.paths import clean_stale_partials, output_folder
 from .demo_preview import calibration_svg, write_preview
-from .proxy_eval import block_errors, calibration_report, compare, find_calibrate, model_bytes
-from .paths import clean_stale_partials, output_folder
-from .proxy_train import DEFAULT_PATH, check_proxy_file, load_proxy
-
+from .proxy import sample as ps
+from .proxy.eval import block_errors, calibration_report, compare, find_calibrate, model_bytes
+from .proxy.train import DEFAULT_PATH, check_proxy_file, load_proxy
 
 DEMO_FILES = ("side_by_side.gif", "side_by_side.png", "calibration.svg", "summary.json")
 

@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import proxy_data as pdata
-from . import proxy_sample as ps
-from .atomic_io import write_bytes
+from .core.atomic_io import write_bytes
+from .proxy import data as pdata
+from .proxy import sample as ps
 
 # ------------------------------------------------------------------------------------------ bitmap font
 

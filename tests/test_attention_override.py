@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_quantsparse.quantsparse.attention_override import (SparseRun, format_summary, key_padding_from_mask,
+from comfyui_quantsparse.quantsparse.sparse.override import (SparseRun, format_summary, key_padding_from_mask,
                                                                sparse_attention_call, step_index)
-from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims
-from comfyui_quantsparse.quantsparse.hunyuan.model import HunyuanVideo
-from comfyui_quantsparse.quantsparse.hunyuan.random_weights import make_random_state_dict
-from comfyui_quantsparse.quantsparse.masks import build_mask
-from comfyui_quantsparse.quantsparse.sparse_attention import masked_attention
-from comfyui_quantsparse.quantsparse.sparse_config import SparseConfig
-from comfyui_quantsparse.quantsparse.ssar import DENSE, EXACT_LAYOUT, REFRESH, SPARSE, step_kind
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.model import HunyuanVideo
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
+from comfyui_quantsparse.quantsparse.sparse.masks import build_mask
+from comfyui_quantsparse.quantsparse.sparse.masked import masked_attention
+from comfyui_quantsparse.quantsparse.sparse.config import SparseConfig
+from comfyui_quantsparse.quantsparse.sparse.ssar import DENSE, EXACT_LAYOUT, REFRESH, SPARSE, step_kind
 
 GRID = (2, 4, 8)  # 64 video tokens: 4 query and 4 key blocks of 16
 TXT = 8
@@ -281,7 +281,7 @@ def test_gpu_override_through_the_triton_kernel_svg_masks_and_compact_cache(call
     step is dense attention, and on a slowly changing input the corrected sparse step is closer to
     dense attention than the plain sparse output; with the kernel's one-launch refresh and with the
     caller's dense pass (ComfyUI's) plus a sparse pass."""
-    from comfyui_quantsparse.quantsparse.ssar import DEFAULT_LAYOUT
+    from comfyui_quantsparse.quantsparse.sparse.ssar import DEFAULT_LAYOUT
 
     grid, txt, heads = (5, 16, 24), 61, 4
     seq = txt + grid[0] * grid[1] * grid[2]

@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_quantsparse.quantsparse import cli
-from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
-from comfyui_quantsparse.quantsparse.convert import convert_file
-from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims
-from comfyui_quantsparse.quantsparse.hunyuan.random_weights import make_random_state_dict
-from comfyui_quantsparse.quantsparse.paths import PartialFile
+from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
+from comfyui_quantsparse.quantsparse.checkpoint.convert import convert_file
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
+from comfyui_quantsparse.quantsparse.core.paths import PartialFile
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = HunyuanVideoDims.tiny()
@@ -318,7 +318,7 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(case, originals, tmp_pa
 def test_a_changed_setting_stops_a_resumed_calibration_and_says_which(originals, tmp_path, capsys, monkeypatch):
     """An interrupted calibration keeps its finished blocks; a rerun with one flag changed names the flag and
     the fix instead of silently discarding them."""
-    from comfyui_quantsparse.quantsparse import calibrate as calibrate_mod
+    from comfyui_quantsparse.quantsparse.calib import driver as calibrate_mod
 
     (tmp_path / "model.safetensors").write_bytes(originals["model.safetensors"])
     argv = ["calibrate", str(tmp_path / "model.safetensors"), str(tmp_path / "out.safetensors"), *CALIB]
@@ -351,7 +351,7 @@ def test_a_changed_setting_stops_a_resumed_calibration_and_says_which(originals,
 
 
 def test_restart_discards_finished_blocks_on_purpose_and_says_so(tmp_path):
-    from comfyui_quantsparse.quantsparse.calibrate import WorkFolder, WorkMismatch
+    from comfyui_quantsparse.quantsparse.calib.driver import WorkFolder, WorkMismatch
 
     old = {"model": "m", "capture": {"width": 64}, "settings": {"epochs": 1}}
     work = WorkFolder(str(tmp_path / "w"), old)
@@ -389,7 +389,7 @@ def test_a_killed_writer_leaves_a_partial_that_the_next_run_removes(originals, t
     lock dies with the process, and the next convert removes it and says so."""
     (tmp_path / "model.safetensors").write_bytes(originals["model.safetensors"])
     writer = ("import os, sys, time\n"
-              "from comfyui_quantsparse.quantsparse.paths import PartialFile\n"
+              "from comfyui_quantsparse.quantsparse.core.paths import PartialFile\n"
               "p = PartialFile(sys.argv[1]); os.write(p.fd, b'x' * 65536)\n"
               "print('writing', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", writer, str(tmp_path / "out.safetensors")], stdout=subprocess.PIPE,
@@ -430,9 +430,9 @@ def test_commands_as_a_user_runs_them(originals, tmp_path):
 def test_a_calibration_worse_than_round_to_nearest_is_marked_and_said():
     """The record carries the warning (a shared file keeps it), inspect and the loader print it, the command
     names the blocks."""
-    from comfyui_quantsparse.quantsparse.calib_job import worse_than_rtn_lines
-    from comfyui_quantsparse.quantsparse.calib_settings import CalibSettings
-    from comfyui_quantsparse.quantsparse.provenance import calibration_lines, calibration_record
+    from comfyui_quantsparse.quantsparse.calib.job import worse_than_rtn_lines
+    from comfyui_quantsparse.quantsparse.calib.settings import CalibSettings
+    from comfyui_quantsparse.quantsparse.calib.provenance import calibration_lines, calibration_record
 
     def block(rtn, final):
         m = {"out": final, "global": 1.0, "local": 1.0}

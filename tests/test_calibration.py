@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from comfyui_quantsparse.quantsparse import cli
-from comfyui_quantsparse.quantsparse.calib_block import calibrate_block
-from comfyui_quantsparse.quantsparse.calib_job import CalibrationInfo, calibrate_to_file
-from comfyui_quantsparse.quantsparse.calib_settings import CalibSettings
-from comfyui_quantsparse.quantsparse.calibrate import RunOptions, prepare_inputs
-from comfyui_quantsparse.quantsparse.capture import Conditioning, capture_plan, sample_and_capture
-from comfyui_quantsparse.quantsparse.checkpoint import CheckpointError, load_checkpoint
-from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims
-from comfyui_quantsparse.quantsparse.hunyuan.model import HunyuanVideo
-from comfyui_quantsparse.quantsparse.hunyuan.random_weights import make_random_state_dict
+from comfyui_quantsparse.quantsparse.calib.block import calibrate_block
+from comfyui_quantsparse.quantsparse.calib.job import CalibrationInfo, calibrate_to_file
+from comfyui_quantsparse.quantsparse.calib.settings import CalibSettings
+from comfyui_quantsparse.quantsparse.calib.driver import RunOptions, prepare_inputs
+from comfyui_quantsparse.quantsparse.calib.capture import Conditioning, capture_plan, sample_and_capture
+from comfyui_quantsparse.quantsparse.checkpoint.format import CheckpointError, load_checkpoint
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.model import HunyuanVideo
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
 
 DIMS = HunyuanVideoDims.tiny()
 RES = dict(width=128, height=128, frames=9)  # latent (3, 16, 16) -> 192 video tokens

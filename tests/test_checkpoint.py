@@ -15,17 +15,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from comfyui_quantsparse.quantsparse.checkpoint import (
+from comfyui_quantsparse.quantsparse.checkpoint.format import (
     CONVERT_HINT, METADATA_KEY, CheckpointError, CheckpointMeta, checkpoint_plan, load_checkpoint,
     quantized_layers, quantized_weight, read_checkpoint_header, validate_checkpoint, write_checkpoint,
 )
-from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
-from comfyui_quantsparse.quantsparse.convert import convert_file
-from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims
-from comfyui_quantsparse.quantsparse.hunyuan.layers import layer_kind
-from comfyui_quantsparse.quantsparse.hunyuan.random_weights import make_random_state_dict
-from comfyui_quantsparse.quantsparse.quantizer import quantize_weight
-from comfyui_quantsparse.quantsparse.safetensors_io import read_header, write_safetensors
+from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
+from comfyui_quantsparse.quantsparse.checkpoint.convert import convert_file
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.layers import layer_kind
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
+from comfyui_quantsparse.quantsparse.core.quantizer import quantize_weight
+from comfyui_quantsparse.quantsparse.core.safetensors_io import read_header, write_safetensors
 
 DIMS = HunyuanVideoDims.tiny()
 CONFIGS = {

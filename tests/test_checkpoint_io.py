@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from comfyui_quantsparse.quantsparse.safetensors_io import (
+from comfyui_quantsparse.quantsparse.core.safetensors_io import (
     SafetensorsError, TensorFile, TensorSpec, read_header, spec_of, write_safetensors,
 )
 

@@ -15,15 +15,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from comfyui_quantsparse.quantsparse import cli
-from comfyui_quantsparse.quantsparse.checkpoint import (
+from comfyui_quantsparse.quantsparse.checkpoint.format import (
     METADATA_KEY, LayerSpec, load_checkpoint, quantized_weight, validate_checkpoint,
 )
-from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
-from comfyui_quantsparse.quantsparse.convert import ConvertError, convert_file, quantize_rows
-from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims
-from comfyui_quantsparse.quantsparse.hunyuan.random_weights import make_random_state_dict
-from comfyui_quantsparse.quantsparse.quantizer import quantize_weight
-from comfyui_quantsparse.quantsparse.safetensors_io import read_header
+from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
+from comfyui_quantsparse.quantsparse.checkpoint.convert import ConvertError, convert_file, quantize_rows
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
+from comfyui_quantsparse.quantsparse.core.quantizer import quantize_weight
+from comfyui_quantsparse.quantsparse.core.safetensors_io import read_header
 
 DIMS = HunyuanVideoDims.tiny()
 

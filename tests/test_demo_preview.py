@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from comfyui_quantsparse.quantsparse import demo_preview as dp
-from comfyui_quantsparse.quantsparse import proxy_data as pdata
-from comfyui_quantsparse.quantsparse import proxy_sample as ps
+from comfyui_quantsparse.quantsparse.proxy import data as pdata
+from comfyui_quantsparse.quantsparse.proxy import sample as ps
 
 # ---------------------------------------------------------------------------------------------- font
 

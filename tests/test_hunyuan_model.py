@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims, dims_from_state_dict
-from comfyui_quantsparse.quantsparse.hunyuan.layers import layer_kind
-from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
-from comfyui_quantsparse.quantsparse.hunyuan.model import (HunyuanVideo, reference_state_dtypes,
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims, dims_from_state_dict
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.layers import layer_kind
+from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.model import (HunyuanVideo, reference_state_dtypes,
                                                           reference_state_shapes)
-from comfyui_quantsparse.quantsparse.hunyuan.random_weights import make_random_state_dict
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
 
 TINY = HunyuanVideoDims.tiny()
 FULL = HunyuanVideoDims.full()

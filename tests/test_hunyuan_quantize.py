@@ -24,12 +24,12 @@ import pytest
 import torch
 from torch import nn
 
-from comfyui_quantsparse.quantsparse.config import WEIGHT_ONLY_SCHEME, QuantSparseConfig
-from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims
-from comfyui_quantsparse.quantsparse.hunyuan.model import HunyuanVideo
-from comfyui_quantsparse.quantsparse.hunyuan.quantize import quantize_model
-from comfyui_quantsparse.quantsparse.hunyuan.random_weights import make_random_state_dict
-from comfyui_quantsparse.quantsparse.qlinear import QuantizedLinear
+from comfyui_quantsparse.quantsparse.core.config import WEIGHT_ONLY_SCHEME, QuantSparseConfig
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.model import HunyuanVideo
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.quantize import quantize_model
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
+from comfyui_quantsparse.quantsparse.core.qlinear import QuantizedLinear
 
 TINY = HunyuanVideoDims.tiny()
 WHOLE_BOUND = {"w8a8": 0.15, "w6a6": 0.17, "w4a8": 0.24}

@@ -19,9 +19,9 @@ import sys
 import pytest
 import torch
 
-from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims, dims_from_state_dict
-from comfyui_quantsparse.quantsparse.hunyuan.model import HunyuanVideo, reference_state_shapes
-from comfyui_quantsparse.quantsparse.hunyuan.random_weights import make_random_state_dict
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims, dims_from_state_dict
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.model import HunyuanVideo, reference_state_shapes
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
 
 pytestmark = pytest.mark.comfyui
 

@@ -197,7 +197,7 @@ def test_gemm_rejects_bad_input():
 @pytest.mark.parametrize("kind", ["w4a8", "w8a8", "w6a6", "w4a16"])
 def test_quantized_linear_gpu_matches_cpu_reference(kind):
     """The whole layer (activation quantization + GEMM) compiled on the GPU, BF16, against the CPU reference path."""
-    from comfyui_quantsparse.quantsparse.qlinear import QuantizedLinear
+    from comfyui_quantsparse.quantsparse.core.qlinear import QuantizedLinear
 
     gen = torch.Generator().manual_seed(5)
     lin = torch.nn.Linear(3072, 1024).to(torch.bfloat16)
@@ -210,7 +210,7 @@ def test_quantized_linear_gpu_matches_cpu_reference(kind):
 
 def test_identity_smoothing_is_skipped_also_under_inference_mode():
     """ComfyUI samples under torch.inference_mode(), whose tensors have no version counter."""
-    from comfyui_quantsparse.quantsparse.qlinear import nontrivial_smooth
+    from comfyui_quantsparse.quantsparse.core.qlinear import nontrivial_smooth
 
     with torch.inference_mode():
         ones = torch.ones(128)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from comfyui_quantsparse.kernels.svg_probe import svg_probe_reference
-from comfyui_quantsparse.quantsparse.masks import (
+from comfyui_quantsparse.quantsparse.sparse.masks import (
     band_blocks, block_density, build_mask, diagonal_blocks, num_blocks, permute_heads, sample_rows,
     svg_mask, temporal_permutation, token_mask, topk_mask, unpermute_heads,
 )
-from comfyui_quantsparse.quantsparse.sparse_attention import masked_attention
-from comfyui_quantsparse.quantsparse.sparse_config import SparseConfig
+from comfyui_quantsparse.quantsparse.sparse.masked import masked_attention
+from comfyui_quantsparse.quantsparse.sparse.config import SparseConfig
 
 
 def dense_mask_attention(q, k, v, mask, *, grid, txt_len, complement=False):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfyui_quantsparse.quantsparse import msad
-from comfyui_quantsparse.quantsparse.calib_attention import CalibAttention, band_token_mask
-from comfyui_quantsparse.quantsparse.fakequant import ActFakeQuant, FakeQuantLinear
-from comfyui_quantsparse.quantsparse.masks import SparseMask, band_blocks, block_budget, num_blocks, token_mask
-from comfyui_quantsparse.quantsparse.qlinear import QuantizedLinear
-from comfyui_quantsparse.quantsparse.quantizer import quantize_weight
+from comfyui_quantsparse.quantsparse.calib import msad
+from comfyui_quantsparse.quantsparse.calib.attention import CalibAttention, band_token_mask
+from comfyui_quantsparse.quantsparse.core.fakequant import ActFakeQuant, FakeQuantLinear
+from comfyui_quantsparse.quantsparse.sparse.masks import SparseMask, band_blocks, block_budget, num_blocks, token_mask
+from comfyui_quantsparse.quantsparse.core.qlinear import QuantizedLinear
+from comfyui_quantsparse.quantsparse.core.quantizer import quantize_weight
 
 
 def _qk(b=2, h=3, n=37, d=16, seed=0):
@@ -113,7 +113,7 @@ def test_calibration_attention_dense_and_sparse():
     temporal = torch.tensor([[False, True]])
     sparse = CalibAttention(grid=grid, txt_len=txt, token_mask=mask, temporal=temporal)(q, k, v)
     # head 0: spatial band in (t, h, w) order; head 1: the band in the frame-major layout
-    from comfyui_quantsparse.quantsparse.masks import temporal_permutation
+    from comfyui_quantsparse.quantsparse.sparse.masks import temporal_permutation
     perm, inv = temporal_permutation(grid)
     full_perm = torch.cat([torch.arange(txt), txt + perm])
     logits = q @ k.transpose(-1, -2) / 4

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_quantsparse.quantsparse import metrics
-from comfyui_quantsparse.quantsparse import proxy_data as pd
-from comfyui_quantsparse.quantsparse import proxy_sample as ps
-from comfyui_quantsparse.quantsparse import proxy_train as pt
-from comfyui_quantsparse.quantsparse.hunyuan.dims import dims_from_state_dict
-from comfyui_quantsparse.quantsparse.hunyuan.model import reference_state_shapes
+from comfyui_quantsparse.quantsparse.core import metrics
+from comfyui_quantsparse.quantsparse.proxy import data as pd
+from comfyui_quantsparse.quantsparse.proxy import sample as ps
+from comfyui_quantsparse.quantsparse.proxy import train as pt
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import dims_from_state_dict
+from comfyui_quantsparse.quantsparse.models.hunyuan_video.model import reference_state_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = pt.DEFAULT_PATH
@@ -99,7 +99,7 @@ def test_shipped_proxy_has_comfyui_names_detection_and_card():
 
 
 def test_shipped_proxy_is_a_valid_conversion_source(tmp_path):
-    from comfyui_quantsparse.quantsparse.convert import inspect_source
+    from comfyui_quantsparse.quantsparse.checkpoint.convert import inspect_source
 
     plan = inspect_source(WEIGHTS)
     assert plan.dims == pt.proxy_dims() and plan.prefix == ""

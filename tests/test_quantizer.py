@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from comfyui_quantsparse.kernels import block_hadamard, unpack_int4
-from comfyui_quantsparse.quantsparse.config import QuantSparseConfig, qmax
-from comfyui_quantsparse.quantsparse.qlinear import QuantizedLinear
-from comfyui_quantsparse.quantsparse.quantizer import (
+from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig, qmax
+from comfyui_quantsparse.quantsparse.core.qlinear import QuantizedLinear
+from comfyui_quantsparse.quantsparse.core.quantizer import (
     dequantize_weight, effective_weight, kind_bits, quantize_weight, transform_weight,
 )
 

@@ -468,8 +468,8 @@ def test_gpu_720p_strided_views_all_modes():
     q/k/v as views of one fused [B, L, 21504] linear output (row stride 21,504: token x stride
     overflows int32); svg selection, then every mode. Same results as on contiguous copies (the
     strides only change addressing), and nothing out of bounds."""
-    from comfyui_quantsparse.quantsparse.masks import build_mask
-    from comfyui_quantsparse.quantsparse.sparse_attention import masked_attention
+    from comfyui_quantsparse.quantsparse.sparse.masks import build_mask
+    from comfyui_quantsparse.quantsparse.sparse.masked import masked_attention
     grid, txt = (33, 45, 80), 256
     seq = txt + math.prod(grid)
     gen = torch.Generator(device="cuda").manual_seed(5)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfyui_quantsparse.quantsparse.masks import svg_mask, topk_mask
-from comfyui_quantsparse.quantsparse.sparse_attention import masked_attention
-from comfyui_quantsparse.quantsparse.sparse_config import SparseConfig
-from comfyui_quantsparse.quantsparse.ssar import (
+from comfyui_quantsparse.quantsparse.sparse.masks import svg_mask, topk_mask
+from comfyui_quantsparse.quantsparse.sparse.masked import masked_attention
+from comfyui_quantsparse.quantsparse.sparse.config import SparseConfig
+from comfyui_quantsparse.quantsparse.sparse.ssar import (
     DENSE, EXACT_LAYOUT, REFRESH, SPARSE, CacheLayout, SSARState, cache_bytes_for, correction_error,
     extrapolation_weight, gram_matrix,
     merged_residual, rank_projection, step_kind, warmup_steps,

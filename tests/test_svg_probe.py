@@ -12,7 +12,7 @@ import torch
 
 from comfyui_quantsparse.kernels._triton import HAS_TRITON
 from comfyui_quantsparse.kernels.svg_probe import svg_probe_reference, svg_probe_triton
-from comfyui_quantsparse.quantsparse.masks import band_blocks, sample_rows, temporal_permutation
+from comfyui_quantsparse.quantsparse.sparse.masks import band_blocks, sample_rows, temporal_permutation
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 

@@ -34,8 +34,8 @@ def _build():
 
 def _frames(result) -> "torch.Tensor":
     """``[F, H, W, 3]`` uint8 preview frames of a sampled clip."""
-    from comfyui_quantsparse.quantsparse import proxy_data as pdata
-    from comfyui_quantsparse.quantsparse import proxy_sample as ps
+    from comfyui_quantsparse.quantsparse.proxy import data as pdata
+    from comfyui_quantsparse.quantsparse.proxy import sample as ps
 
     return pdata.to_uint8(ps.decode(result.latent))
 
@@ -95,10 +95,10 @@ def _save(img, path: str) -> int:
 def main() -> None:
     import torch
 
-    from comfyui_quantsparse.quantsparse import proxy_sample as ps
-    from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
-    from comfyui_quantsparse.quantsparse.proxy_eval import find_calibrate
-    from comfyui_quantsparse.quantsparse.proxy_train import DEFAULT_PATH, load_proxy
+    from comfyui_quantsparse.quantsparse.proxy import sample as ps
+    from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
+    from comfyui_quantsparse.quantsparse.proxy.eval import find_calibrate
+    from comfyui_quantsparse.quantsparse.proxy.train import DEFAULT_PATH, load_proxy
 
     torch.manual_seed(0)
     build = _build()

@@ -76,10 +76,10 @@ def _lora(prefix: str, out_features: int, in_features: int, seed: int) -> dict[s
 def tiny_files(tmp_path_factory) -> TinyFiles:
     from safetensors.torch import save_file
 
-    from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
-    from comfyui_quantsparse.quantsparse.convert import convert_file
-    from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims
-    from comfyui_quantsparse.quantsparse.hunyuan.random_weights import make_random_state_dict
+    from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
+    from comfyui_quantsparse.quantsparse.checkpoint.convert import convert_file
+    from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
+    from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
 
     d = tmp_path_factory.mktemp("qs_files")
     dims = HunyuanVideoDims.tiny()

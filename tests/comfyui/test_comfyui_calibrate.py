@@ -52,7 +52,7 @@ def calibration_prompt(server, tiny_files, name=NAME, overwrite=False) -> tuple[
 
 
 def test_calibration_workflow_writes_a_checkpoint_the_loader_lists(comfy_server, tiny_files):
-    from comfyui_quantsparse.quantsparse.checkpoint import validate_checkpoint
+    from comfyui_quantsparse.quantsparse.checkpoint.format import validate_checkpoint
 
     before = comfy_server.get("/object_info/QuantSparseLoader")["QuantSparseLoader"]["input"]["required"]
     assert f"{NAME}.safetensors" not in json.dumps(before)

@@ -40,7 +40,7 @@ def run(patcher, seed: int = 0, device: str = "cpu") -> torch.Tensor:
 
 def test_comfyui_detects_and_builds_hunyuanvideo_with_quantized_linears(qs, tiny_files):
     import comfy.model_base
-    from comfyui_quantsparse.quantsparse.checkpoint import validate_checkpoint
+    from comfyui_quantsparse.quantsparse.checkpoint.format import validate_checkpoint
 
     info = validate_checkpoint(tiny_files.w4a8)
     p, summary = qs.model.load_quantsparse_model(str(tiny_files.w4a8))
@@ -155,7 +155,7 @@ def test_lora_on_quantized_layer_is_refused_and_on_bf16_layer_applies(qs, tiny_f
 def test_mismatched_quantized_tensor_names_the_layer(qs, tiny_files):
     """Defence behind validate_checkpoint: the operations class checks shapes against the model."""
     import comfy.sd
-    from comfyui_quantsparse.quantsparse.checkpoint import load_checkpoint
+    from comfyui_quantsparse.quantsparse.checkpoint.format import load_checkpoint
 
     sd, info = load_checkpoint(tiny_files.w4a8)
     key = "double_blocks.0.img_attn.qkv.weight"

@@ -1,5 +1,5 @@
 """The shipped proxy HunyuanVideo in a real ComfyUI: the stock "Load Diffusion Model" (UNETLoader) loads it,
-ComfyUI samples it exactly as ``quantsparse/proxy_sample.py`` does (the demo and the benchmark's figures
+ComfyUI samples it exactly as ``quantsparse/proxy/sample.py`` does (the demo and the benchmark's figures
 are ComfyUI's), and the dense-versus-QuantSparse example workflow runs on it."""
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ SCALE = 0.476986  # ComfyUI's HunyuanVideo latent_format.scale_factor: saved lat
 def proxy_in_comfy(comfy_server, tmp_path_factory):
     """The shipped proxy in the server's diffusion_models/ and its W4A8 conversion in quantsparse/
     (ComfyUI re-lists a model folder when its mtime changes)."""
-    from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
-    from comfyui_quantsparse.quantsparse.convert import convert_file
-    from comfyui_quantsparse.quantsparse.proxy_train import DEFAULT_PATH
+    from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
+    from comfyui_quantsparse.quantsparse.checkpoint.convert import convert_file
+    from comfyui_quantsparse.quantsparse.proxy.train import DEFAULT_PATH
 
     models = comfy_server.base / "models"
     shutil.copyfile(DEFAULT_PATH, models / "diffusion_models" / PROXY_NAME)
@@ -52,9 +52,9 @@ def _test_conditioning(seed: int, tokens: int, dim: int = 64):
 
 
 def test_stock_loader_samples_the_proxy_as_the_torch_sampler_does(proxy_in_comfy):
-    from comfyui_quantsparse.quantsparse import proxy_data as pd
-    from comfyui_quantsparse.quantsparse import proxy_sample as ps
-    from comfyui_quantsparse.quantsparse.proxy_train import load_proxy
+    from comfyui_quantsparse.quantsparse.proxy import data as pd
+    from comfyui_quantsparse.quantsparse.proxy import sample as ps
+    from comfyui_quantsparse.quantsparse.proxy.train import load_proxy
 
     server, steps, seed = proxy_in_comfy, 4, 3
     info = server.get("/object_info/UNETLoader")["UNETLoader"]
@@ -121,10 +121,10 @@ def test_dense_vs_quantsparse_workflow_runs_on_the_proxy(proxy_in_comfy):
     # (float32 model, as ComfyUI runs on a CPU; round-to-nearest W4A8 = what `convert` wrote): the figures
     # measured there are this workflow's. The sparse path differs a little (ComfyUI computes the quantized
     # model's other layers in its own way), so the QuantSparse half has a looser bound than the dense one.
-    from comfyui_quantsparse.quantsparse import proxy_data as pd
-    from comfyui_quantsparse.quantsparse import proxy_sample as ps
-    from comfyui_quantsparse.quantsparse.config import QuantSparseConfig
-    from comfyui_quantsparse.quantsparse.proxy_train import load_proxy
+    from comfyui_quantsparse.quantsparse.proxy import data as pd
+    from comfyui_quantsparse.quantsparse.proxy import sample as ps
+    from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
+    from comfyui_quantsparse.quantsparse.proxy.train import load_proxy
 
     knobs = prompt[quant]["inputs"]
     sparse = ps.proxy_sparse_config(knobs["density"], ssar_order=knobs["ssar_order"], mask_mode=knobs["mask_mode"],

@@ -138,9 +138,9 @@ def test_text_to_video_workflow_runs_with_the_tiny_model(comfy_server, tiny_file
     Only what cannot exist on a CPU test machine is substituted (listed below); the guidance, the zeroed
     negative, the shift, the sampler, its cfg and its sparse knobs (bar the block size) are the file's.
     """
-    from comfyui_quantsparse.quantsparse.hunyuan.dims import HunyuanVideoDims
-    from comfyui_quantsparse.quantsparse.sparse_config import SparseConfig
-    from comfyui_quantsparse.quantsparse.ssar import DENSE, REFRESH, SPARSE, step_kind
+    from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
+    from comfyui_quantsparse.quantsparse.sparse.config import SparseConfig
+    from comfyui_quantsparse.quantsparse.sparse.ssar import DENSE, REFRESH, SPARSE, step_kind
 
     shipped = to_api(json.loads(TEXT_TO_VIDEO.read_text()), comfy_server.get("/object_info"))
     prompt = copy.deepcopy(shipped)

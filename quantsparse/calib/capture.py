@@ -1,0 +1,125 @@
+"""Capture: what the full model sees while sampling, at points spread over the schedule.
+
+A calibration sample is one call of the diffusion model during a real sampling run: the latent
+``x`` at that step, the timestep (sigma * 1000), the text conditioning (``context``, pooled ``y``,
+optional ``txt_mask``) and the embedded guidance. Only these model-level inputs are recorded (a few
+MB per sample); each block's inputs are then produced one block at a time by running the full
+model's chain (``calibrate.prepare_inputs`` and the block outputs), so nothing of size
+``blocks x samples`` is ever held.
+
+Sample ``k`` of ``n`` goes to prompt ``k mod P`` at step ``floor((k + 1/2) * steps / n)``: every prompt
+is used and the steps cover the schedule evenly. In ComfyUI the sampler is ComfyUI's own (the node
+records through a DIFFUSION_MODEL wrapper); the command line uses :func:`sample_and_capture`, an Euler
+flow-matching sampler with ComfyUI's ``simple`` schedule and HunyuanVideo's shift 7.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..models.hunyuan_video.model import HunyuanVideo
+
+LATENT_CHANNELS = 16
+DEFAULT_SHIFT = 7.0  # ComfyUI's HunyuanVideo sampling_settings
+DEFAULT_GUIDANCE = 6.0
+
+
+def latent_shape(width: int, height: int, frames: int) -> tuple[int, int, int, int, int]:
+    """``EmptyHunyuanLatentVideo``'s latent for a video of ``width`` x ``height`` x ``frames``."""
+    if width % 16 or height % 16 or width < 16 or height < 16:
+        raise ValueError(f"calibration width and height must be positive multiples of 16, got {width}x{height}")
+    if frames < 1 or (frames - 1) % 4:
+        raise ValueError(f"calibration frames must be 1, 5, 9, ... (4k + 1), got {frames}")
+    return (1, LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8)
+
+
+def video_tokens(width: int, height: int, frames: int) -> int:
+    _, _, t, h, w = latent_shape(width, height, frames)
+    return t * (h // 2) * (w // 2)
+
+
+@dataclass(frozen=True)
+class CapturePoint:
+    prompt: int
+    step: int
+
+
+def capture_plan(samples: int, prompts: int, steps: int) -> list[CapturePoint]:
+    """Which (prompt, step) each of ``samples`` calibration samples is taken at."""
+    if samples < 1 or prompts < 1 or steps < 1:
+        raise ValueError(f"need at least one sample, prompt and step (got {samples}, {prompts}, {steps})")
+    return [CapturePoint(k % prompts, min(steps - 1, int((k + 0.5) * steps / samples))) for k in range(samples)]
+
+
+def steps_by_prompt(plan: Sequence[CapturePoint]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for p in plan:
+        out.setdefault(p.prompt, []).append(p.step)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def flow_sigmas(steps: int, shift: float = DEFAULT_SHIFT) -> torch.Tensor:
+    """ComfyUI's ``simple`` schedule on ``ModelSamplingDiscreteFlow(shift)``: ``steps + 1`` sigmas, last 0."""
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
+    sig = shift * t / (1 + (shift - 1) * t)
+    return torch.cat([sig, torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def record(x, timestep, context, y, guidance=None, txt_mask=None) -> dict[str, torch.Tensor]:
+    """One model-level sample on the host (the latent in BF16, like the model's own input)."""
+    out = {"x": x.detach().to("cpu", torch.bfloat16), "timestep": timestep.detach().float().cpu().reshape(-1),
+           "context": context.detach().to("cpu", torch.bfloat16), "y": y.detach().to("cpu", torch.bfloat16)}
+    if guidance is not None:
+        out["guidance"] = guidance.detach().float().cpu().reshape(-1)
+    if txt_mask is not None:
+        out["txt_mask"] = txt_mask.detach().cpu()
+    return out
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """One prompt's text conditioning: ``context`` [1, Ltxt, C], pooled ``y`` [1, 768], optional mask [1, Ltxt]."""
+
+    context: torch.Tensor
+    y: torch.Tensor
+    txt_mask: Optional[torch.Tensor] = None
+
+
+@torch.no_grad()
+def sample_and_capture(model: HunyuanVideo, conds: Sequence[Conditioning], *, width: int, height: int, frames: int,
+                       samples: int, steps: int, seed: int = 0, guidance: float = DEFAULT_GUIDANCE,
+                       shift: float = DEFAULT_SHIFT, device="cpu", progress=None) -> list[dict[str, torch.Tensor]]:
+    """Run Euler flow sampling per prompt (stopping after its last planned step) and record the plan's samples."""
+    shape = latent_shape(width, height, frames)
+    plan = capture_plan(samples, len(conds), steps)
+    wanted = steps_by_prompt(plan)
+    sigmas = flow_sigmas(steps, shift)
+    dev = torch.device(device)
+    model.to(dev)
+    records: dict[tuple[int, int], dict] = {}
+    try:
+        for p, cond in enumerate(conds):
+            if p not in wanted:
+                continue
+            gen = torch.Generator().manual_seed(seed + p)
+            x = torch.randn(shape, generator=gen).to(dev) * sigmas[0]
+            g = torch.tensor([guidance], device=dev)
+            ctx, y = cond.context.to(dev), cond.y.to(dev)
+            mask = None if cond.txt_mask is None else cond.txt_mask.to(dev)
+            last = max(wanted[p])
+            for i in range(last + 1):
+                t = (sigmas[i] * 1000).reshape(1).to(dev)
+                if i in wanted[p]:
+                    records[(p, i)] = record(x, t, ctx, y, g, mask)
+                if i == last:
+                    break
+                v = model(x, t, ctx, y, g, mask).float()
+                x = x + (sigmas[i + 1] - sigmas[i]).to(dev) * v
+            if progress is not None:
+                progress(p + 1, len(conds))
+    finally:
+        model.to("cpu")
+    return [records[(pt.prompt, pt.step)] for pt in plan]

@@ -1,0 +1,1 @@
+"""The QuantSparse checkpoint: its format and validation, the converter, what a foreign file is."""

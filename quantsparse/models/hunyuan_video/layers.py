@@ -1,0 +1,44 @@
+"""Which HunyuanVideo Linears are quantized, and how, by ComfyUI key name.
+
+The attention and MLP Linears of the 20 double and 40 single blocks carry the token-wise
+work and get the configured scheme (W4A8 by default). The modulation Linears (one vector
+per sample) and the text refiner (a few hundred text tokens) are weight-only INT4: they
+cost no time, and quantizing them is what brings the 13B model under 6.6 GB (the paper's
+6.49 GB is reached only with them quantized). Embedders and the final layer stay BF16.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ...core.config import WEIGHT_ONLY_SCHEME, QuantSparseConfig
+
+ARCHITECTURE = "hunyuan_video"
+
+_SCHEME_LAYERS = re.compile(
+    r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.(0|2))"
+    r"|single_blocks\.\d+\.linear[12])$"
+)
+_WEIGHT_ONLY_LAYERS = re.compile(
+    r"^(double_blocks\.\d+\.(img|txt)_mod\.lin"
+    r"|single_blocks\.\d+\.modulation\.lin"
+    r"|txt_in\.individual_token_refiner\.blocks\.\d+\.(self_attn\.(qkv|proj)|mlp\.(0|2)|adaLN_modulation\.1))$"
+)
+
+
+def layer_kind(module_name: str, config: QuantSparseConfig) -> str | None:
+    """Quantization kind of the Linear named ``module_name`` (ComfyUI names, no prefix), or None for BF16."""
+    if _SCHEME_LAYERS.match(module_name):
+        return config.bits
+    if _WEIGHT_ONLY_LAYERS.match(module_name):
+        return WEIGHT_ONLY_SCHEME
+    return None
+
+
+def layer_group_size(kind: str, config: QuantSparseConfig) -> int:
+    """Group size of a layer of ``kind``: the configured one for 4-bit weights, per channel otherwise."""
+    return config.group_size if kind in ("w4a8", WEIGHT_ONLY_SCHEME) else 0
+
+
+def layer_rotate(kind: str, config: QuantSparseConfig) -> bool:
+    return config.rotate and kind != WEIGHT_ONLY_SCHEME

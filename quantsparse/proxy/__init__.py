@@ -1,0 +1,1 @@
+"""The proxy model: procedural videos, training, sampling, evaluation, MSAD behind the proxy's seam."""

@@ -1,0 +1,1 @@
+"""Sparse attention and SSAR: settings, masks, the masked kernel call, the residual cache, the per-run attention call."""
