@@ -22,16 +22,17 @@ GB = 1e9
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="quantsparse", description="QuantSparse for HunyuanVideo: "
-                                     "W4A8 checkpoints for ComfyUI.")
+    parser = OneLineParser(prog="quantsparse", description="QuantSparse for video diffusion transformers (Wan 2.x, "
+                                                           "HunyuanVideo): W4A8 checkpoints for ComfyUI.")
     parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="quantize a BF16 HunyuanVideo .safetensors file (round-to-nearest)",
-                          description="Stream a BF16/FP16/FP32 HunyuanVideo file (ComfyUI naming, with or without "
+    conv = sub.add_parser("convert", help="quantize a model .safetensors file (round-to-nearest)",
+                          description="Stream a BF16/FP16/FP32 model file (ComfyUI naming, with or without "
                                       "the model.diffusion_model. prefix) into a QuantSparse checkpoint. Uses about "
                                       "one tensor of memory; the output appears only when complete.")
-    conv.add_argument("src", help="source .safetensors (e.g. hunyuan_video_t2v_720p_bf16.safetensors)")
-    conv.add_argument("dst", help="output .safetensors (e.g. ComfyUI/models/quantsparse/hunyuan_w4a8.safetensors)")
+    conv.add_argument("src", help="source .safetensors (e.g. hunyuan_video_t2v_720p_bf16.safetensors, "
+                                  "wan2.1_t2v_14B_bf16.safetensors)")
+    conv.add_argument("dst", help="output .safetensors (e.g. ComfyUI/models/quantsparse/wan2.1_t2v_14B_w4a8.safetensors)")
     conv.add_argument("--bits", choices=sorted(BIT_SCHEMES), default="w4a8",
                       help="scheme of the block attention/MLP Linears (default w4a8)")
     conv.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=0,
@@ -268,9 +269,7 @@ def _inspect(path: str, out: TextIO, blocks: bool = False) -> int:
     w = out.write
     w(f"{info.path}: valid QuantSparse checkpoint (format {info.format_version}, "
       f"written by {info.created_by.get('tool', '?')} {info.created_by.get('version', '?')})\n")
-    w(f"architecture: hunyuan_video  hidden {d.hidden_size}, {d.num_heads} heads, {d.depth} double + "
-      f"{d.depth_single_blocks} single blocks, in/out channels {d.in_channels}/{d.out_channels}, "
-      f"context {d.context_in_dim}, guidance {'yes' if d.guidance_embed else 'no'}\n")
+    w(f"architecture: {info.adapter.summary(d)}\n")
     w(f"quantization: {c.bits}, group size {c.group_size or 'per channel'}, rotation {'on' if c.rotate else 'off'}, "
       f"weight-only {c.weight_only_bits}-bit\n")
     for kind in sorted(kinds):

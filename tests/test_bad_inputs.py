@@ -46,8 +46,9 @@ def originals(tmp_path_factory) -> dict[str, bytes]:
     sd = make_random_state_dict(DIMS, seed=0)
     save_file(sd, str(d / "model.safetensors"))
     convert_file(d / "model.safetensors", d / "ckpt.safetensors", QuantSparseConfig(bits="w4a8"))
-    save_file({"model.diffusion_model.blocks.0.self_attn.q.weight": torch.zeros(8, 8),
-               "model.diffusion_model.blocks.0.cross_attn.k.weight": torch.zeros(8, 8)}, str(d / "wan.safetensors"))
+    save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(8, 8),
+               "model.diffusion_model.txt_in.individual_token_refiner.blocks.0.norm1.weight": torch.zeros(8),
+               "model.diffusion_model.vision_in.proj.0.weight": torch.zeros(8)}, str(d / "hv15.safetensors"))
     g = torch.Generator().manual_seed(0)
     ctx = lambda: torch.randn(6, DIMS.context_in_dim, generator=g)  # noqa: E731
     pooled = lambda: torch.randn(768, generator=g)  # noqa: E731
@@ -146,9 +147,9 @@ CASES = [
     Case("convert-source-is-checkpoint", ("ckpt.safetensors",),
          lambda d: ["convert", str(d / "ckpt.safetensors"), str(d / "out.safetensors")],
          "already a QuantSparse checkpoint", "convert the original BF16"),
-    Case("convert-source-is-wan", ("wan.safetensors",),
-         lambda d: ["convert", str(d / "wan.safetensors"), str(d / "out.safetensors")],
-         "looks like a Wan 2.x model", "QuantSparse converts HunyuanVideo T2V"),
+    Case("convert-source-is-hv15", ("hv15.safetensors",),
+         lambda d: ["convert", str(d / "hv15.safetensors"), str(d / "out.safetensors")],
+         "looks like a HunyuanVideo 1.5 model (not supported yet)", "Supported: HunyuanVideo T2V"),
     Case("convert-onto-its-source", ("model.safetensors",),
          lambda d: ["convert", str(d / "model.safetensors"), str(d / "model.safetensors"), "--overwrite"],
          "same file as the input", "Give the output a new name"),
@@ -158,8 +159,8 @@ CASES = [
     Case("convert-existing-output", ("model.safetensors", "ckpt.safetensors"),
          lambda d: ["convert", str(d / "model.safetensors"), str(d / "ckpt.safetensors")],
          "already exists", "set overwrite (--overwrite) to replace it"),
-    Case("convert-overwrite-a-model", ("model.safetensors", "wan.safetensors"),
-         lambda d: ["convert", str(d / "model.safetensors"), str(d / "wan.safetensors"), "--overwrite"],
+    Case("convert-overwrite-a-model", ("model.safetensors", "hv15.safetensors"),
+         lambda d: ["convert", str(d / "model.safetensors"), str(d / "hv15.safetensors"), "--overwrite"],
          "is not a QuantSparse checkpoint", "Choose another name"),
     Case("convert-into-missing-folder", ("model.safetensors",),
          lambda d: ["convert", str(d / "model.safetensors"), str(d / "no" / "out.safetensors")],
@@ -257,9 +258,9 @@ CASES = [
     Case("demo-weights-missing", (), lambda d: ["demo", "--weights", str(d / "none.safetensors"), "--out",
                                                 str(d / "demo")],
          "does not exist", "check the path"),
-    Case("demo-weights-is-wan", ("wan.safetensors",),
-         lambda d: ["demo", "--weights", str(d / "wan.safetensors"), "--out", str(d / "demo")],
-         "looks like a Wan 2.x model", "Use the bundled proxy"),
+    Case("demo-weights-is-hv15", ("hv15.safetensors",),
+         lambda d: ["demo", "--weights", str(d / "hv15.safetensors"), "--out", str(d / "demo")],
+         "looks like a HunyuanVideo 1.5 model (not supported yet)", "Use the bundled proxy"),
     Case("demo-unknown-calibration", (), lambda d: ["demo", "--calibrate", "bogus", "--out", str(d / "demo")],
          "invalid choice: 'bogus'", "see quantsparse demo --help"),
     Case("demo-out-is-a-file", ("notes.txt",), lambda d: ["demo", "--out", str(d / "notes.txt")],
@@ -276,9 +277,10 @@ CASES = [
     # inspect
     Case("inspect-missing", (), lambda d: ["inspect", str(d / "nope.safetensors")], "does not exist", "check the path"),
     Case("inspect-plain-model", ("model.safetensors",), lambda d: ["inspect", str(d / "model.safetensors")],
-         "plain HunyuanVideo model", "convert it with `quantsparse convert`"),
-    Case("inspect-wan-model", ("wan.safetensors",), lambda d: ["inspect", str(d / "wan.safetensors")],
-         "looks like a Wan 2.x model", "QuantSparse loads the checkpoints that `quantsparse convert`"),
+         "plain HunyuanVideo T2V model", "convert it with `quantsparse convert`"),
+    Case("inspect-hv15-model", ("hv15.safetensors",), lambda d: ["inspect", str(d / "hv15.safetensors")],
+         "looks like a HunyuanVideo 1.5 model (not supported yet)",
+         "QuantSparse loads the checkpoints that `quantsparse convert`"),
     Case("inspect-truncated", ("truncated.safetensors",), lambda d: ["inspect", str(d / "truncated.safetensors")],
          "is truncated", "download or copy it again"),
 ]

@@ -192,20 +192,23 @@ def test_json_text_file(tmp_path):
 
 
 def test_plain_bf16_model(source):
-    msg = _rejects(source[0], CONVERT_HINT, "plain HunyuanVideo model")
+    msg = _rejects(source[0], CONVERT_HINT, "plain HunyuanVideo T2V model")
     assert "quantsparse convert tiny_bf16.safetensors" in msg
 
 
 def test_plain_prefixed_bf16_model(source, tmp_path):
     path = tmp_path / "prefixed.safetensors"
     save_file({f"model.diffusion_model.{k}": v for k, v in source[1].items()}, path)
-    _rejects(path, CONVERT_HINT, "plain HunyuanVideo model")
+    _rejects(path, CONVERT_HINT, "plain HunyuanVideo T2V model")
 
 
 @pytest.mark.parametrize("tensors, kind", [
     ({"conv_in.weight": torch.zeros(4, 4)}, "an unrecognised model (1 tensors, e.g. conv_in.weight)"),
     ({"model.diffusion_model.blocks.0.self_attn.q.weight": torch.zeros(4, 4),
-      "model.diffusion_model.blocks.0.cross_attn.k.weight": torch.zeros(4, 4)}, "a Wan 2.x model (not supported yet)"),
+      "model.diffusion_model.blocks.0.cross_attn.k.weight": torch.zeros(4, 4)},
+     "a Wan-style model that is not a supported Wan variant"),
+    ({"double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4), "vision_in.proj.0.weight": torch.zeros(4)},
+     "a HunyuanVideo 1.5 model (not supported yet)"),
     ({"diffusion_model.blocks.0.lora_up.weight": torch.zeros(4, 2)}, "a LoRA"),
     ({"encoder.conv_in.weight": torch.zeros(4, 4), "decoder.conv_out.weight": torch.zeros(4, 4)}, "a VAE"),
 ])
@@ -228,8 +231,8 @@ def test_missing_format_version(good, tmp_path):
 
 
 def test_other_architecture(good, tmp_path):
-    bad = _rewrite(good, tmp_path / "wan.safetensors", doc_edit=lambda d: d.update(architecture="wan2.1"))
-    _rejects(bad, "architecture 'wan2.1'", "only 'hunyuan_video'")
+    bad = _rewrite(good, tmp_path / "ltx.safetensors", doc_edit=lambda d: d.update(architecture="ltx_video"))
+    _rejects(bad, "architecture 'ltx_video'", "(['hunyuan_video', 'wan'])", "update comfyui-quantsparse")
 
 
 def test_metadata_not_json(good, tmp_path):

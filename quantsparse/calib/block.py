@@ -24,7 +24,8 @@ from torch import nn
 from ..core.fakequant import FakeQuantLinear, wrap_linears
 from ..models.hunyuan_video.attention import rope_freqs
 from ..models.hunyuan_video.dims import HunyuanVideoDims
-from ..models.hunyuan_video.layers import layer_group_size, layer_kind, layer_rotate
+from ..models.hunyuan_video.layers import layer_kind
+from ..core.config import kind_group_size as layer_group_size, kind_rotate as layer_rotate
 from .attention import CalibAttention, band_token_mask, temporal_heads
 from .msad import (
     global_loss,

@@ -116,7 +116,7 @@ def sparse_lines(sparse_defaults: Mapping[str, Any]) -> list[str]:
 def summary_lines(info) -> list[str]:
     """Everything ``inspect`` prints about provenance and settings, for a ``CheckpointInfo``."""
     d, c = info.dims, info.config
-    base = [f"base: hunyuan_video, hidden {d.hidden_size}, {d.depth} double + {d.depth_single_blocks} single blocks; "
+    base = [f"base: {info.adapter.variant(d)}; "
             f"bits {c.bits}, group size {c.group_size or 'per channel'}, rotation {'on' if c.rotate else 'off'}"]
     return base + calibration_lines(info.calibration) + sparse_lines(info.sparse_defaults)
 

@@ -1,4 +1,4 @@
-"""BF16 HunyuanVideo file -> QuantSparse checkpoint, one tensor in memory at a time.
+"""A model file (BF16 / FP16 / FP32, any supported family) -> QuantSparse checkpoint, one tensor in memory at a time.
 
 The released model is 25.6 GB and many users have 24 GB of RAM, so the converter never holds
 the model: it plans the output from the source header alone (every output shape and dtype is
@@ -28,12 +28,8 @@ from ..core.errors import QuantSparseError, public
 from ..core.paths import PathError, clean_stale_partials, input_file, output_file
 from ..core.quantizer import QuantizedWeight, quantize_weight
 from ..core.safetensors_io import SafetensorsError, SafetensorsHeader, SafetensorsWriter, TensorFile, read_header
-from ..models.hunyuan_video.dims import HunyuanVideoDims, dims_from_state_dict
-from ..models.hunyuan_video.model import reference_state_shapes
-from .file_kind import SUPPORTED as SUPPORTED_MODELS
-from .file_kind import describe as describe_file
+from ..models import registry
 from .format import (
-    COMFY_PREFIX,
     FLOAT_DTYPE,
     METADATA_KEY,
     CheckpointMeta,
@@ -68,8 +64,8 @@ class SourcePlan:
 
     path: str
     header: SafetensorsHeader
-    prefix: str  # "" or COMFY_PREFIX
-    dims: HunyuanVideoDims
+    prefix: str  # "" or the prefix ComfyUI strips (registry.PREFIXES)
+    dims: Any  # the family's dims
     ignored: int  # tensors outside the diffusion model (VAE, text encoders of an all-in-one file)
 
     def source_key(self, name: str) -> str:
@@ -84,7 +80,7 @@ class ConvertResult:
     dst_bytes: int
     tensors: int
     seconds: float
-    dims: HunyuanVideoDims
+    dims: Any
     config: QuantSparseConfig
 
     @property
@@ -99,31 +95,30 @@ def _names(names) -> str:
 
 
 def inspect_source(src: str | os.PathLike) -> SourcePlan:
-    """Check that ``src`` is a full-precision HunyuanVideo safetensors file, from its header alone."""
+    """Check that ``src`` is a full-precision model of a supported family, from its header alone."""
     try:
         p = str(input_file(src, "the source model", suffixes=()))
         header = read_header(p)
     except (SafetensorsError, PathError) as e:
         raise ConvertError(str(e)) from None
     if METADATA_KEY in (header.metadata or {}):
-        raise ConvertError(f"{p} is already a QuantSparse checkpoint; convert the original BF16 HunyuanVideo file "
-                           f"instead (ComfyUI's hunyuan_video_t2v_720p_bf16.safetensors).")
+        raise ConvertError(f"{p} is already a QuantSparse checkpoint; convert the original BF16 model file instead "
+                           f"({registry.supported_text()}).")
     keys = list(header.tensors)
-    prefix = COMFY_PREFIX if any(k.startswith(COMFY_PREFIX) for k in keys) else ""
-    model_keys = [k for k in keys if k.startswith(prefix)]
-    shapes = {k[len(prefix):]: header.tensors[k].shape for k in model_keys}
+    prefix, shapes = registry.split_prefix(header.shapes)
+    model_keys = [prefix + k for k in shapes]
+    try:
+        adapter = registry.detect(shapes)
+        dims = adapter.dims_from_shapes(shapes)
+    except ValueError as e:
+        raise ConvertError(f"{p} is not a model that can be converted: {e}") from None
     low = sorted(k for k in model_keys if header.tensors[k].dtype not in SOURCE_DTYPES)
     if low:
         dtypes = sorted({str(header.tensors[k].dtype).replace("torch.", "") for k in low})
         raise ConvertError(
             f"{p} is already quantized or stored in low precision: {len(low)} tensors are {', '.join(dtypes)} "
-            f"(e.g. {_names(low)}); convert the original BF16 (or FP16/FP32) HunyuanVideo file instead.")
-    try:
-        dims = dims_from_state_dict(shapes)
-    except ValueError as e:
-        raise ConvertError(f"{p} is not a HunyuanVideo model that can be converted: {e}; it looks like "
-                           f"{describe_file(header.shapes)}. QuantSparse converts {SUPPORTED_MODELS}.") from None
-    ref = reference_state_shapes(dims)
+            f"(e.g. {_names(low)}); convert the original BF16 (or FP16/FP32) file instead.")
+    ref = adapter.reference_shapes(dims)
     problems = []
     if set(ref) - set(shapes):
         problems.append(f"missing tensors: {_names(set(ref) - set(shapes))}")
@@ -134,9 +129,8 @@ def inspect_source(src: str | os.PathLike) -> SourcePlan:
         problems.append("wrong shapes: " + "; ".join(f"{k} expected {list(ref[k])} found {list(shapes[k])}"
                                                       for k in bad[:_LIST_FIRST]))
     if problems:
-        raise ConvertError(f"{p} does not match the HunyuanVideo model its shapes describe "
-                           f"(hidden_size {dims.hidden_size}, {dims.depth}+{dims.depth_single_blocks} blocks): "
-                           + "; ".join(problems) + ". Use an unmodified HunyuanVideo T2V file in ComfyUI naming.")
+        raise ConvertError(f"{p} does not match the {adapter.variant(dims)} model its shapes describe: "
+                           + "; ".join(problems) + f". Use an unmodified {adapter.title} file in ComfyUI naming.")
     return SourcePlan(p, header, prefix, dims, len(keys) - len(model_keys))
 
 
@@ -147,7 +141,7 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike,
                  smooth: Mapping[str, torch.Tensor] | None = None,
                  clip: Mapping[str, torch.Tensor] | None = None,
                  log: Callable[[str], None] | None = None) -> ConvertResult:
-    """Convert a BF16/FP16/FP32 HunyuanVideo safetensors file into a QuantSparse checkpoint at ``dst``.
+    """Convert a BF16/FP16/FP32 model file (a supported family) into a QuantSparse checkpoint at ``dst``.
 
     ``smooth`` and ``clip`` (by layer prefix) carry calibrated values; absent layers get
     round-to-nearest. ``dst`` appears complete or not at all; it is never the source, and with

@@ -33,11 +33,9 @@ from ..core.safetensors_io import (
     write_safetensors,
 )
 from ..core.version import __version__
-from ..models.hunyuan_video.dims import HunyuanVideoDims, dims_from_state_dict
-from ..models.hunyuan_video.layers import ARCHITECTURE, layer_group_size, layer_kind, layer_rotate
-from ..models.hunyuan_video.model import reference_state_shapes
-from .file_kind import SUPPORTED as SUPPORTED_MODELS
-from .file_kind import describe as describe_file
+from ..core.config import kind_group_size, kind_rotate
+from ..models import registry
+from ..models.base import ModelAdapter
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -123,26 +121,27 @@ class LayerSpec(Mapping):
         return spec
 
 
-def quantized_layers(dims: HunyuanVideoDims, config: QuantSparseConfig) -> dict[str, LayerSpec]:
-    """Every Linear that ``config`` quantizes in a model of ``dims``, by ComfyUI prefix."""
+def quantized_layers(dims, config: QuantSparseConfig) -> dict[str, LayerSpec]:
+    """Every Linear that ``config`` quantizes in a model of ``dims`` (any family's), by ComfyUI prefix."""
+    adapter = registry.adapter_for(dims)
     layers = {}
-    for name, shape in reference_state_shapes(dims).items():
+    for name, shape in adapter.reference_shapes(dims).items():
         if not name.endswith(".weight") or len(shape) != 2:
             continue
         prefix = name[: -len(".weight")]
-        kind = layer_kind(prefix, config)
+        kind = adapter.layer_kind(prefix, config)
         if kind is None:
             continue
         n, k = shape
-        layers[prefix] = LayerSpec(kind, k, n, layer_group_size(kind, config), layer_rotate(kind, config))
+        layers[prefix] = LayerSpec(kind, k, n, kind_group_size(kind, config), kind_rotate(kind, config))
     return layers
 
 
-def checkpoint_plan(dims: HunyuanVideoDims, config: QuantSparseConfig) -> list[TensorSpec]:
+def checkpoint_plan(dims, config: QuantSparseConfig) -> list[TensorSpec]:
     """Every tensor of the checkpoint of ``dims`` quantized by ``config``: known before any data is read."""
     layers = quantized_layers(dims, config)
     plan = []
-    for name, shape in reference_state_shapes(dims).items():
+    for name, shape in registry.adapter_for(dims).reference_shapes(dims).items():
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
         if prefix in layers:
             plan.extend(layers[prefix].tensor_specs(prefix))
@@ -157,7 +156,7 @@ def checkpoint_plan(dims: HunyuanVideoDims, config: QuantSparseConfig) -> list[T
 class CheckpointMeta:
     """What a writer decides; the layer table and the tool stamp are derived from it."""
 
-    dims: HunyuanVideoDims
+    dims: Any  # the family's dims (HunyuanVideoDims, WanDims, ...)
     config: QuantSparseConfig
     calibration: dict[str, Any] | None = None  # None = round-to-nearest, no calibration
     sparse_defaults: dict[str, Any] = field(default_factory=dict)
@@ -169,7 +168,7 @@ class CheckpointMeta:
     def to_json(self) -> str:
         doc = {
             "format_version": FORMAT_VERSION,
-            "architecture": ARCHITECTURE,
+            "architecture": registry.adapter_for(self.dims).name,
             "dims": self.dims.to_dict(),
             "quant": self.config.to_dict(),
             "layers": {p: spec.to_dict() for p, spec in self.layers.items()},
@@ -189,7 +188,7 @@ class CheckpointInfo:
 
     path: str
     format_version: int
-    dims: HunyuanVideoDims
+    dims: Any
     config: QuantSparseConfig
     layers: dict[str, LayerSpec]
     calibration: dict[str, Any] | None
@@ -201,6 +200,10 @@ class CheckpointInfo:
     @property
     def quant(self) -> QuantSparseConfig:
         return self.config
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return registry.adapter_for(self.dims)
 
     @property
     def meta(self) -> CheckpointMeta:
@@ -281,16 +284,16 @@ def read_checkpoint_header(path: str | os.PathLike) -> CheckpointInfo:
         raise _error(p, f"its checkpoint format version is {version!r}, but this comfyui-quantsparse "
                         f"({tool_version()}) reads format version(s) {list(SUPPORTED_FORMAT_VERSIONS)}", fix)
     arch = doc.get("architecture")
-    if arch != ARCHITECTURE:
-        raise _error(p, f"it is a QuantSparse checkpoint for architecture {arch!r}, but only {ARCHITECTURE!r} "
-                        f"is supported", "Use a HunyuanVideo checkpoint, or a version of the pack that supports "
-                                         f"{arch!r}")
+    try:
+        adapter = registry.by_name(arch)
+    except registry.UnknownModelError as e:
+        raise CheckpointError(f"{p}: it is a QuantSparse checkpoint for architecture {arch!r}: {e}.") from None
     missing = [k for k in ("dims", "quant", "layers", "calibration", "sparse_defaults", "created_by") if k not in doc]
     if missing:
         raise _error(p, f"its 'quantsparse' metadata lacks the fields {missing}",
                      "The file is damaged; re-create it with `quantsparse convert`")
     try:
-        dims = HunyuanVideoDims.from_dict(doc["dims"])
+        dims = adapter.dims_from_dict(doc["dims"])
     except (TypeError, ValueError) as e:
         raise _error(p, f"its stored dimensions are invalid ({e})",
                      "The file is damaged; re-create it with `quantsparse convert`") from None
@@ -330,16 +333,20 @@ def checkpoint_replaceable(path: str | os.PathLike) -> str | None:
 def _describe_foreign(path: str, header) -> str:
     """Say what a file without our metadata is, so the fix is obvious (convert is offered only for a
     file that convert takes)."""
-    kind = describe_file(header.shapes)
-    if kind == "a plain HunyuanVideo model":
-        dtypes = sorted({str(e.dtype).replace("torch.", "") for e in header.tensors.values()})
-        return (f"{path}: it is a plain HunyuanVideo model ({', '.join(dtypes)}) without 'quantsparse' metadata; "
-                f"{CONVERT_HINT} (quantsparse convert {os.path.basename(path)} OUT.safetensors --bits w4a8).")
-    return (f"{path} is not a QuantSparse checkpoint: it looks like {kind}. QuantSparse loads the checkpoints "
-            f"that `quantsparse convert` or the Calibrate node make from {SUPPORTED_MODELS}.")
+    _, shapes = registry.split_prefix(header.shapes)
+    try:
+        adapter = registry.detect(shapes)
+        dims = adapter.dims_from_shapes(shapes)
+    except ValueError:
+        return (f"{path} is not a QuantSparse checkpoint: it looks like {registry.describe(header.shapes)}. "
+                "QuantSparse loads the checkpoints that `quantsparse convert` or the Calibrate node make from: "
+                f"{registry.supported_text()}.")
+    dtypes = sorted({str(e.dtype).replace("torch.", "") for e in header.tensors.values()})
+    return (f"{path}: it is a plain {adapter.variant(dims)} model ({', '.join(dtypes)}) without 'quantsparse' "
+            f"metadata; {CONVERT_HINT} (quantsparse convert {os.path.basename(path)} OUT.safetensors --bits w4a8).")
 
 
-def expected_tensors(dims: HunyuanVideoDims, config: QuantSparseConfig) -> dict[str, TensorSpec]:
+def expected_tensors(dims, config: QuantSparseConfig) -> dict[str, TensorSpec]:
     return {s.name: s for s in checkpoint_plan(dims, config)}
 
 
@@ -349,7 +356,7 @@ def validate_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     p = info.path
     shapes = {name: e.shape for name, e in info.tensors.items()}
     try:
-        found_dims = dims_from_state_dict(shapes)
+        found_dims = info.adapter.dims_from_shapes(shapes)
         dims_problem = None
     except ValueError as e:
         found_dims, dims_problem = None, str(e)

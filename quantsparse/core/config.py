@@ -83,3 +83,13 @@ class QuantSparseConfig(JsonConfig):
     def act_bits(self) -> int:
         return BIT_SCHEMES[self.bits][1]
 
+
+
+def kind_group_size(kind: str, config: QuantSparseConfig) -> int:
+    """Group size of a layer of ``kind``: the configured one for 4-bit weights, per channel otherwise."""
+    return config.group_size if kind in ("w4a8", WEIGHT_ONLY_SCHEME) else 0
+
+
+def kind_rotate(kind: str, config: QuantSparseConfig) -> bool:
+    """Whether a layer of ``kind`` is stored rotated (the weight-only layers keep their inputs as they are)."""
+    return config.rotate and kind != WEIGHT_ONLY_SCHEME

@@ -22,7 +22,8 @@ from ..calib.driver import RunOptions, calibrate_model
 from ..calib.settings import CalibSettings
 from ..core.config import QuantSparseConfig
 from ..core.qlinear import QuantizedLinear
-from ..models.hunyuan_video.layers import layer_group_size, layer_kind, layer_rotate
+from ..models.hunyuan_video.layers import layer_kind
+from ..core.config import kind_group_size as layer_group_size, kind_rotate as layer_rotate
 from ..models.hunyuan_video.model import HunyuanVideo
 from ..models.hunyuan_video.quantize import quantize_model
 from .sample import CalibrationOptions, CalibrationSet

@@ -46,6 +46,13 @@ def proxy_dims() -> HunyuanVideoDims:
     return HunyuanVideoDims.tiny()
 
 
+def proxy_adapter():
+    """The family of the proxy model (the HunyuanVideo proxy today; issue 17 adds a Wan one)."""
+    from ..models import registry
+
+    return registry.adapter_for(proxy_dims())
+
+
 def time_snr_shift(shift: float, t: torch.Tensor) -> torch.Tensor:
     """ComfyUI's sigma warp: ``shift * t / (1 + (shift - 1) * t)``."""
     return shift * t / (1 + (shift - 1) * t)
@@ -237,7 +244,6 @@ def save_proxy(path: str | os.PathLike, state: dict, card: dict, *, dtype: torch
 def check_proxy_file(path: str | os.PathLike) -> Path:
     """``path`` as a plain (BF16/FP32) HunyuanVideo to sample from, checked from its header: a QuantSparse
     checkpoint or another kind of file is refused with what it is, before anything is loaded."""
-    from ..checkpoint.file_kind import describe
     from ..checkpoint.format import METADATA_KEY as CHECKPOINT_KEY
     from ..core.errors import QuantSparseError
     from ..core.paths import input_file
@@ -248,10 +254,13 @@ def check_proxy_file(path: str | os.PathLike) -> Path:
     if CHECKPOINT_KEY in (header.metadata or {}):
         raise QuantSparseError(f"--weights {p} is a QuantSparse checkpoint; the demo quantizes the model itself and "
                                f"needs the full-precision proxy (default {DEFAULT_PATH.name}, in models/proxy/).")
-    kind = describe(header.shapes)
-    if kind != "a plain HunyuanVideo model":
-        raise QuantSparseError(f"--weights {p} is not a HunyuanVideo model: it looks like {kind}. Use the bundled "
-                               f"proxy ({DEFAULT_PATH.name}, in models/proxy/) or a HunyuanVideo file.")
+    from ..models import registry
+
+    _, shapes = registry.split_prefix(header.shapes)
+    if not proxy_adapter().claims(shapes):
+        raise QuantSparseError(f"--weights {p} is not a HunyuanVideo model: it looks like "
+                               f"{registry.describe(header.shapes)}. Use the bundled proxy ({DEFAULT_PATH.name}, "
+                               "in models/proxy/) or a HunyuanVideo file.")
     return p
 
 

@@ -72,13 +72,13 @@ def attention_graph(tiny_files, **knobs) -> dict:
 
 @pytest.fixture(scope="module")
 def foreign_files(comfy_server):
-    """A Wan-like file and a text file with a .safetensors name, in models/quantsparse."""
+    """A HunyuanVideo 1.5-like file and a text file with a .safetensors name, in models/quantsparse."""
     folder = comfy_server.base / "models" / "quantsparse"
-    save_file({"model.diffusion_model.blocks.0.self_attn.q.weight": torch.zeros(8, 8),
-               "model.diffusion_model.blocks.0.cross_attn.k.weight": torch.zeros(8, 8)}, str(folder / "wan.safetensors"))
+    save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(8, 8),
+               "model.diffusion_model.vision_in.proj.0.weight": torch.zeros(8)}, str(folder / "hv15.safetensors"))
     (folder / "notes.safetensors").write_text("not a model")
     yield
-    for name in ("wan.safetensors", "notes.safetensors"):
+    for name in ("hv15.safetensors", "notes.safetensors"):
         (folder / name).unlink(missing_ok=True)
 
 
@@ -91,11 +91,11 @@ QUEUE_CASES = [
     ("loader-not-safetensors", lambda f: sampling_graph(qs_loader("model.ckpt"), ["1", 0], "x"), "1",
      ["is not a .safetensors file"]),
     ("loader-plain-model", lambda f: sampling_graph(qs_loader(f.bad_plain.name), ["1", 0], "x"), "1",
-     ["plain HunyuanVideo model", "convert it with `quantsparse convert`"]),
+     ["plain HunyuanVideo T2V model", "convert it with `quantsparse convert`"]),
     ("loader-truncated", lambda f: sampling_graph(qs_loader(f.bad_truncated.name), ["1", 0], "x"), "1",
      ["is truncated", "download or copy it again"]),
-    ("loader-wan-file", lambda f: sampling_graph(qs_loader("wan.safetensors"), ["1", 0], "x"), "1",
-     ["looks like a Wan 2.x model"]),
+    ("loader-hv15-file", lambda f: sampling_graph(qs_loader("hv15.safetensors"), ["1", 0], "x"), "1",
+     ["looks like a HunyuanVideo 1.5 model (not supported yet)"]),
     ("loader-text-file", lambda f: sampling_graph(qs_loader("notes.safetensors"), ["1", 0], "x"), "1",
      ["is not a safetensors file"]),
     ("sampler-block-not-power-of-two", lambda f: sampler_graph(f, block_q=100), "4",

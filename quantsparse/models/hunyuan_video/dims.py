@@ -14,7 +14,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 HEAD_DIM = 128  # ComfyUI derives num_heads = hidden // 128, so no other head size survives a reload
 TRIGGER_KEY = "txt_in.individual_token_refiner.blocks.0.norm1.weight"
@@ -26,6 +26,8 @@ _COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 @dataclass(frozen=True)
 class HunyuanVideoDims:
     """The constructor arguments of ComfyUI's HunyuanVideo (T2V) transformer that vary by size."""
+
+    architecture: ClassVar[str] = "hunyuan_video"  # the family's adapter (models/registry.py)
 
     hidden_size: int
     num_heads: int

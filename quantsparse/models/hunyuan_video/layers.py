@@ -33,12 +33,3 @@ def layer_kind(module_name: str, config: QuantSparseConfig) -> str | None:
     if _WEIGHT_ONLY_LAYERS.match(module_name):
         return WEIGHT_ONLY_SCHEME
     return None
-
-
-def layer_group_size(kind: str, config: QuantSparseConfig) -> int:
-    """Group size of a layer of ``kind``: the configured one for 4-bit weights, per channel otherwise."""
-    return config.group_size if kind in ("w4a8", WEIGHT_ONLY_SCHEME) else 0
-
-
-def layer_rotate(kind: str, config: QuantSparseConfig) -> bool:
-    return config.rotate and kind != WEIGHT_ONLY_SCHEME

@@ -12,7 +12,8 @@ from torch import nn
 
 from ...core.config import QuantSparseConfig
 from ...core.qlinear import QuantizedLinear
-from .layers import layer_group_size, layer_kind, layer_rotate
+from .layers import layer_kind
+from ...core.config import kind_group_size as layer_group_size, kind_rotate as layer_rotate
 
 
 def quantize_model(model: nn.Module, config: QuantSparseConfig, *,
