@@ -7,10 +7,12 @@ math live in ``quantsparse/sparse/override.py``. On a clone of the patcher it in
   summary, which the QuantSparse Sampler node shows);
 - an OUTER_SAMPLE wrapper giving every sampling run its own ``SparseRun`` in a per-run copy of the
   model options, closed in ``finally`` (no cache survives a run, whatever the next run's settings);
-- a DIFFUSION_MODEL wrapper recording per model call the latent grid, the image token count and the
-  step index, and timing the call;
-- the attention override, which passes the text-refiner calls (no ``block_type``) and anything it
-  cannot handle to the previous override or the backend ``func``, and uses that same dense path on
+- a DIFFUSION_MODEL wrapper recording per model call the video token grid (read by the model family's
+  adapter from the model's inputs) and the step index, and timing the call;
+- the attention override, which asks the adapter what each call is (``ModelAdapter.attention_call``:
+  HunyuanVideo's joint attention, Wan's self-attention, or a call that stays dense and why: the text
+  refiner, cross-attention, a layout it does not know) and passes the dense ones to the previous
+  override or the backend ``func``, counting each under its reason; it uses that same dense path on
   dense warm-up steps and for the dense half of refresh steps (cuDNN on the H100: 306 ms plus a 62 ms
   sparse pass per block at 118,800 tokens, against 429 ms for the kernel's one-launch refresh).
 """
@@ -18,7 +20,6 @@ math live in ``quantsparse/sparse/override.py``. On a clone of the patcher it in
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Optional
 
 import comfy.model_patcher
@@ -28,23 +29,41 @@ from comfy_api.latest import io
 
 from ..quantsparse.sparse.config import MASK_MODES, SparseConfig
 from ..quantsparse.sparse.override import SparseRun, format_summary, key_padding_from_mask, sparse_attention_call
+from ..quantsparse.models import registry
 from ..quantsparse.sparse.ssar import DENSE
 
 PATCH_KEY = "quantsparse"          # SparsePatch (settings), on the patched model's options
 RUN_KEY = "quantsparse_run"        # SparseRun, only inside a sampling run's options copy
 CALL_KEY = "quantsparse_call"      # per model call: grid, img_len, step
 WRAPPER_KEY = "quantsparse"
-HEAD_DIM = 128
 
 log = logging.getLogger("quantsparse")
 
 
 class SparsePatch:
-    """Settings of one patched model, and the summary of the last run sampled with it."""
+    """Settings of one patched model, the family adapter that reads its attention calls (None when the
+    model is of no supported family: then ``warning`` says so and every call runs dense), and the
+    summary of the last run sampled with it."""
 
-    def __init__(self, config: SparseConfig):
+    def __init__(self, config: SparseConfig, adapter=None, warning: str = ""):
         self.config = config
+        self.adapter = adapter
+        self.warning = warning
         self.last_summary: Optional[dict] = None
+
+
+def model_adapter(model) -> tuple[Optional[object], str]:
+    """(adapter, "") for a MODEL of a supported family, or (None, why not) for any other."""
+    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if dm is None:
+        return None, "this MODEL has no diffusion model the patch can read"
+    shapes = {k: tuple(v.shape) for k, v in dm.state_dict().items()}
+    try:
+        return registry.detect(shapes), ""
+    except registry.UnknownModelError:
+        return None, (f"QuantSparse sparse attention does not understand this model ({type(dm).__name__}: "
+                      f"{registry.describe(shapes)}); every attention call of it runs dense. Supported: "
+                      f"{registry.supported_text()}")
 
 
 def sparse_inputs() -> list:
@@ -59,7 +78,7 @@ def sparse_inputs() -> list:
                        tooltip="Fraction of the first (high-noise) steps run with dense attention."),
         io.Int.Input("refresh_interval", default=d.refresh_interval, min=1, max=100,
                      tooltip="SSAR recomputes dense attention (and its residual cache) every this many steps."),
-        io.Int.Input("rank", default=d.rank, min=1, max=HEAD_DIM,
+        io.Int.Input("rank", default=d.rank, min=1, max=128,  # the head size of every supported family
                      tooltip="Rank of SSAR's second-order correction."),
         io.Int.Input("ssar_order", default=d.ssar_order, min=0, max=2,
                      tooltip="0: plain sparse; 1: add the cached residual; 2: plus its rank-r change."),
@@ -100,30 +119,32 @@ class SparseAttentionOverride:
     def __call__(self, func, *args, **kwargs):
         to = kwargs.get("transformer_options") or {}
         run: Optional[SparseRun] = to.get(RUN_KEY)
+        patch: Optional[SparsePatch] = to.get(PATCH_KEY)
+        if run is None or patch is None:
+            return self._dense(func, args, kwargs)  # calls outside a sampling run
+        if patch.adapter is None:
+            run.note_passthrough("model not supported")
+            return self._dense(func, args, kwargs)
         call = to.get(CALL_KEY)
-        if run is None or call is None or "block_type" not in to or len(args) < 4:
-            if run is not None:
-                run.note_passthrough()
-            return self._dense(func, args, kwargs)  # refiner calls, other models, calls outside a run
-        q, k, v = args[:3]
-        seq = q.shape[2] if q.dim() == 4 else -1
-        if (not kwargs.get("skip_reshape") or q.dim() != 4 or q.shape[-1] != HEAD_DIM or k.shape != q.shape
-                or v.shape != q.shape or seq <= call["img_len"]):
-            run.note_passthrough()
+        decision = patch.adapter.attention_call(args, kwargs, to, call)
+        if not decision.sparse:
+            run.note_passthrough(decision.reason)
             return self._dense(func, args, kwargs)
         step = call["step"]
         if run.kind(step) == DENSE:
             run.record(DENSE, step)
+            run.dense_reasons["dense step (warm-up or density 1)"] += 1
             return self._dense(func, args, kwargs)
-        b, h, _, d = q.shape
+        q, k, v = decision.q, decision.k, decision.v
+        b, _, seq, _ = q.shape
         out = sparse_attention_call(
-            run, q, k, v, block_type=to["block_type"], block_index=int(to.get("block_index", 0)), step=step,
-            grid=call["grid"], txt_len=seq - call["img_len"], cond_rows=to.get("cond_or_uncond"),
+            run, q, k, v, block_type=to.get("block_type", ""), block_index=int(to.get("block_index", 0)), step=step,
+            grid=decision.grid, txt_len=decision.txt_len, cond_rows=to.get("cond_or_uncond"),
             key_padding=key_padding_from_mask(kwargs.get("mask"), b, seq),
             dense=lambda: self._dense(func, args, dict(kwargs, skip_output_reshape=True)))
         if kwargs.get("skip_output_reshape"):
             return out
-        return out.transpose(1, 2).reshape(b, seq, h * d)
+        return decision.output(out)
 
 
 def _transformer_options(args, kwargs):
@@ -138,7 +159,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     orig = guider.model_options
     patch: SparsePatch = orig["transformer_options"][PATCH_KEY]
     sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    run = SparseRun(patch.config, sigmas)
+    run = SparseRun(patch.config, sigmas, from_noise=_starts_from_noise(guider, sigmas))
     try:
         guider.model_options = comfy.model_patcher.create_model_options_clone(orig)
         guider.model_options["transformer_options"][RUN_KEY] = run
@@ -147,28 +168,38 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = orig
         run.close()
         patch.last_summary = run.summary()
+        if patch.warning:
+            patch.last_summary["warning"] = patch.warning
         log.info("QuantSparse attention run:\n%s", format_summary(patch.last_summary))
 
 
+def _starts_from_noise(guider, sigmas) -> bool:
+    """Whether this run starts at the model's largest sigma (a whole schedule, or the high-noise range of a
+    split one); a KSamplerAdvanced range that starts later, or a partial denoise, does not."""
+    try:
+        sigma_max = float(guider.model_patcher.model.model_sampling.sigma_max)
+        return float(sigmas.flatten()[0]) >= sigma_max * (1.0 - 1e-3)
+    except (AttributeError, TypeError, IndexError):
+        return True
+
+
 def diffusion_model_wrapper(executor, *args, **kwargs):
-    """Per model call: the latent grid (patch (1, 2, 2)), the image token count and the step."""
+    """Per model call: the video token grid the family's adapter reads from the model's inputs, and the step."""
     to, where = _transformer_options(args, kwargs)
     run: Optional[SparseRun] = to.get(RUN_KEY) if to else None
-    x = args[0] if args else None
-    patch_size = getattr(executor.class_obj, "patch_size", None)
-    ref_latent = kwargs.get("ref_latent", args[9] if len(args) > 10 else None)
-    if (run is None or not isinstance(x, torch.Tensor) or x.dim() != 5 or patch_size is None
-            or len(patch_size) != 3 or ref_latent is not None or to.get("sigmas") is None):
-        return executor(*args, **kwargs)  # not a HunyuanVideo-style call we can mask: dense
-    grid = tuple(int(s) // int(p) for s, p in zip(x.shape[2:], patch_size))
+    patch: Optional[SparsePatch] = to.get(PATCH_KEY) if to else None
+    if run is None or patch is None or patch.adapter is None or to.get("sigmas") is None:
+        return executor(*args, **kwargs)
+    call = patch.adapter.call_geometry(executor.class_obj, args, kwargs) or {"dense": "unsupported layout"}
     step = run.step_of(to["sigmas"])
     to = dict(to)
-    to[CALL_KEY] = {"grid": grid, "img_len": math.prod(grid), "step": step}
+    to[CALL_KEY] = {**call, "step": step}
     if where == "args":
         args = args[:-1] + (to,)
     else:
         kwargs = dict(kwargs, transformer_options=to)
-    with run.timed(step, x.device):
+    x = args[0] if args else None
+    with run.timed(step, x.device if isinstance(x, torch.Tensor) else None):
         return executor(*args, **kwargs)
 
 
@@ -179,7 +210,10 @@ def apply_sparse_patch(model, config: SparseConfig) -> tuple[Any, SparsePatch]:
     previous = to.get("optimized_attention_override")
     if isinstance(previous, SparseAttentionOverride):
         previous = previous.previous  # patching twice replaces our settings, it does not stack two sparsifiers
-    patch = SparsePatch(config)
+    adapter, warning = model_adapter(model)
+    if warning:
+        log.warning(warning)
+    patch = SparsePatch(config, adapter, warning)
     to[PATCH_KEY] = patch
     to["optimized_attention_override"] = SparseAttentionOverride(previous)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
@@ -196,8 +230,9 @@ class QuantSparseAttention(io.ComfyNode):
             node_id="QuantSparseAttention",
             display_name="QuantSparse Attention",
             category="QuantSparse",
-            description="Block-sparse attention with the SSAR residual cache for HunyuanVideo, for any sampler "
-                        "(KSampler, SamplerCustomAdvanced). Each sampling run gets a fresh cache.",
+            description="Block-sparse attention with the SSAR residual cache (Wan 2.1 / 2.2, HunyuanVideo), for "
+                        "any sampler (KSampler, KSamplerAdvanced, SamplerCustomAdvanced). Each sampling run gets a "
+                        "fresh cache; the sampler's report counts every attention call left dense, with why.",
             inputs=[io.Model.Input("model")] + sparse_inputs(),
             outputs=[io.Model.Output(tooltip="The model with sparse attention installed.")],
         )

@@ -1,8 +1,9 @@
 """The attention override's logic with its per-run state: which calls go dense, sparse or refresh.
 
-ComfyUI hands every attention call of HunyuanVideo to one override (``nodes/sparse_patch.py``); that
-glue only reads ``transformer_options`` and reshapes, and everything that decides and computes lives
-here, torch only, so that the CPU tests drive it with random q, k, v or the torch HunyuanVideo.
+ComfyUI hands every attention call of the model to one override (``nodes/sparse_patch.py``); the model
+family's adapter says what a call is (``ModelAdapter.attention_call``), and everything that decides and
+computes lives here, torch only, so that the CPU tests drive it with random q, k, v or the torch models.
+Every call that is not sparsified is counted with its reason, and the report shows them.
 
 One ``SparseRun`` exists per sampling run (created by the OUTER_SAMPLE wrapper, closed in its
 ``finally``): a run with other settings, another resolution or another prompt never sees a stale
@@ -20,6 +21,7 @@ own residuals whether they arrive batched or one at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -84,12 +86,20 @@ def key_padding_from_mask(mask: Optional[torch.Tensor], batch: int, seq: int) ->
 class SparseRun:
     """State of one sampling run: the schedule, the SSAR cache and what happened (``summary``)."""
 
-    def __init__(self, config: SparseConfig, sample_sigmas: torch.Tensor, *, layout: CacheLayout = DEFAULT_LAYOUT):
+    def __init__(self, config: SparseConfig, sample_sigmas: torch.Tensor, *, layout: CacheLayout = DEFAULT_LAYOUT,
+                 from_noise: bool = True):
+        """``from_noise`` False: the run samples only a later range of a schedule (the low-noise expert of a
+        Wan 2.2 A14B pair after its ``KSamplerAdvanced`` start step, or a partial denoise): the dense
+        warm-up belongs to the high-noise start that another run sampled, so this run starts with a
+        refresh step instead."""
         if not isinstance(config, SparseConfig):
             raise ValueError(f"SparseRun needs a SparseConfig, got {type(config).__name__}")
         sigmas = torch.as_tensor(sample_sigmas).detach().flatten().float().cpu()
         if sigmas.numel() < 2:
             raise ValueError(f"sample_sigmas must hold at least 2 values (one step), got {sigmas.numel()}")
+        if not from_noise and config.dense_warmup > 0 and not config.is_dense:
+            config = dataclasses.replace(config, dense_warmup=0.0)
+        self.from_noise = from_noise
         self.config = config
         self.sample_sigmas = sigmas
         self.total_steps = sigmas.numel() - 1
@@ -99,6 +109,7 @@ class SparseRun:
         self._masks: dict = {}  # per call site: (mask, step it was chosen at)
         self.mask_builds = 0
         self.calls: Counter = Counter()      # per kind, plus "passthrough"
+        self.dense_reasons: Counter = Counter()  # every call not sparsified, by why
         self._density_sum = 0.0               # over masked (refresh + sparse) calls
         self._masked_calls = 0
         self.peak_cache_bytes = 0
@@ -139,8 +150,10 @@ class SparseRun:
             self._masked_calls += 1
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.ssar.cache_bytes())
 
-    def note_passthrough(self) -> None:
+    def note_passthrough(self, reason: str = "not a video attention call") -> None:
+        """A call the patch leaves dense, with the reason the report counts it under."""
         self.calls["passthrough"] += 1
+        self.dense_reasons[reason] += 1
 
     def mask_for(self, site, step: int, kind: str, build):
         """The mask of one call site (block, shapes): chosen at each refresh step and kept until the next,
@@ -164,6 +177,8 @@ class SparseRun:
             "refresh_steps": len(self.steps_by_kind[REFRESH]),
             "sparse_steps": len(self.steps_by_kind[SPARSE]),
             "attention_calls": {k: int(v) for k, v in sorted(self.calls.items())},
+            "dense_reasons": {k: int(v) for k, v in self.dense_reasons.most_common()},
+            "from_noise": self.from_noise,
             "achieved_density": (self._density_sum / self._masked_calls) if self._masked_calls else None,
             "cache_bytes": self.ssar.cache_bytes(),
             "peak_cache_bytes": self.peak_cache_bytes,
@@ -180,16 +195,25 @@ class SparseRun:
 
 
 def format_summary(s: dict) -> str:
-    """Human-readable lines for the node's UI text."""
+    """Human-readable lines for the node's UI text: what ran sparse, and every call that did not, by why."""
     dens = "n/a (no sparse call)" if s["achieved_density"] is None else f"{s['achieved_density']:.3f}"
     sps = "n/a" if s["seconds_per_step"] is None else f"{s['seconds_per_step']:.3f} s"
-    return (f"steps: {s['steps']} (dense {s['dense_steps']}, refresh {s['refresh_steps']}, "
-            f"sparse {s['sparse_steps']})\n"
-            f"achieved density: {dens}\n"
-            f"SSAR cache: peak {s['peak_cache_bytes'] / 2**20:.2f} MiB; corrections {s['ssar']['corrections']}, "
-            f"misses {s['ssar']['misses']}\n"
-            f"time per step: {sps}\n"
-            f"attention calls: {s['attention_calls']}")
+    reasons = s.get("dense_reasons") or {}
+    lines = [f"steps: {s['steps']} (dense {s['dense_steps']}, refresh {s['refresh_steps']}, "
+             f"sparse {s['sparse_steps']})" + ("" if s.get("from_noise", True) else
+                                               " - a later range of the schedule: no warm-up, a refresh first"),
+             f"achieved density: {dens}",
+             f"SSAR cache: peak {s['peak_cache_bytes'] / 2**20:.2f} MiB; corrections {s['ssar']['corrections']}, "
+             f"misses {s['ssar']['misses']}",
+             f"time per step: {sps}",
+             f"attention calls: {s['attention_calls']}",
+             "not sparsified: " + (", ".join(f"{r} {n}" for r, n in reasons.items()) if reasons else "none")]
+    if s.get("warning"):
+        lines.insert(0, "WARNING: " + s["warning"])
+    calls = s["attention_calls"]
+    if not calls.get("sparse") and not calls.get("refresh") and (calls.get("passthrough") or calls.get("dense")):
+        lines.append("WARNING: no attention call of this run ran sparse (see 'not sparsified' above)")
+    return "\n".join(lines)
 
 
 def _chunk_keys(block_type: str, block_index: int, cond_rows: Optional[Sequence[int]], batch: int):
@@ -234,6 +258,7 @@ def sparse_attention_call(run: SparseRun, q: torch.Tensor, k: torch.Tensor, v: t
     if kind == DENSE:
         out = dense() if dense is not None else _kernel_dense(run, q, k, v, grid, txt_len, key_padding)
         run.record(DENSE, step)
+        run.dense_reasons["dense step (warm-up or density 1)"] += 1
         return out
 
     cfg = run.config
