@@ -22,6 +22,7 @@ TRIGGER_KEY = "head.modulation"
 FREQ_DIM = 256
 PATCH = (1, 2, 2)
 CLIP_DIM = 1280  # CLIP ViT-H image features (Wan 2.1 I2V)
+TEXT_DIM = 4096  # umT5-XXL; ComfyUI's detection does not read it, it builds every Wan with this width
 # Keys of the Wan variants ComfyUI builds with other classes; none is supported yet.
 OTHER_VARIANTS = {
     "vace_patch_embedding.weight": "Wan VACE",
@@ -48,7 +49,7 @@ class WanDims:
     num_layers: int
     in_dim: int
     out_dim: int
-    text_dim: int = 4096
+    text_dim: int = TEXT_DIM
     model_type: str = "t2v"  # "i2v": CLIP image tokens through img_emb (Wan 2.1 I2V / FLF2V)
     flf_tokens: Optional[int] = None  # img_emb.emb_pos length (first-last-frame models)
 
@@ -113,7 +114,8 @@ class WanDims:
 
     @classmethod
     def tiny(cls, model_type: str = "t2v", in_dim: int = 16, out_dim: int = 16) -> "WanDims":
-        return cls(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=in_dim, out_dim=out_dim, text_dim=64,
+        """Two heads, two blocks; the text width stays 4096 (ComfyUI builds every Wan with it)."""
+        return cls(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=in_dim, out_dim=out_dim,
                    model_type=model_type)
 
 
@@ -147,6 +149,9 @@ def dims_from_state_dict(shapes: Shapes) -> WanDims:
     text_dim = shape_of(shapes, "text_embedding.0.weight", 2, "Wan")[1]
     if dim % HEAD_DIM:
         raise ValueError(f"head.modulation gives dim {dim}, not a multiple of the head size {HEAD_DIM}")
+    if text_dim != TEXT_DIM:
+        raise ValueError(f"text_embedding.0.weight takes {text_dim} inputs; ComfyUI builds every Wan with {TEXT_DIM} "
+                         "(umT5-XXL), so it could not load this file")
     i2v = "img_emb.proj.0.bias" in shapes
     flf = shapes.get("img_emb.emb_pos")
     return WanDims(dim=dim, ffn_dim=ffn, num_heads=dim // HEAD_DIM, num_layers=count_blocks(keys, "blocks."),
