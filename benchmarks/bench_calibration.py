@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write_json  # noqa: E402
 
 from comfyui_quantsparse.quantsparse.calib.block import calibrate_block  # noqa: E402
+from comfyui_quantsparse.quantsparse.models.base import BlockRef  # noqa: E402
 from comfyui_quantsparse.quantsparse.calib.settings import CalibSettings  # noqa: E402
 from comfyui_quantsparse.quantsparse.calib.capture import latent_shape  # noqa: E402
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.blocks import DoubleStreamBlock, SingleStreamBlock  # noqa: E402
@@ -111,7 +112,8 @@ def main() -> int:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            res = calibrate_block(block, block_type, i, samples, settings, dims, device=device, dtype=dtype,
+            ref = BlockRef(f"{block_type}_{i:02d}", f"{block_type}_blocks.{i}", block_type, i, block)
+            res = calibrate_block(ref, samples, settings, dims, device=device, dtype=dtype,
                                   device_cache_bytes=int(args.device_cache_gb * 2**30),
                                   log=lambda m: print("  " + m, flush=True))
             if device == "cuda":

@@ -184,6 +184,7 @@ def _convert(args) -> int:
     result = convert_file(args.src, args.dst, config, overwrite=args.overwrite, progress=_ProgressLine(sys.stderr),
                           log=_log)
     print(f"wrote {result.dst}")
+    print(f"source form: {result.source_summary}")
     print(f"source: {result.src_bytes / GB:.2f} GB  output: {result.dst_bytes / GB:.2f} GB  "
           f"ratio: {result.ratio:.2f}x  ({config.bits}, {result.tensors} tensors, {result.seconds:.0f} s)")
     return 0
@@ -196,6 +197,7 @@ def _calibrate(args) -> int:
         CalibrationInfo,
         calibrate_to_file,
         capture_fingerprint,
+        check_calibration_supported,
         check_output,
         check_work_dir,
         load_conditioning,
@@ -217,6 +219,7 @@ def _calibrate(args) -> int:
     capture_plan(args.samples, prompts, args.steps)  # samples / steps >= 1
     device = resolve_device(args.device)
     source = inspect_source(args.src)
+    check_calibration_supported(source.dims)
     if args.conditioning:
         conds = load_conditioning(args.conditioning, source.dims.context_in_dim)
     else:

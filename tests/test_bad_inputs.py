@@ -30,6 +30,7 @@ from comfyui_quantsparse.quantsparse.checkpoint.convert import convert_file
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
 from comfyui_quantsparse.quantsparse.core.paths import PartialFile
+from comfyui_quantsparse.quantsparse.models import registry
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = HunyuanVideoDims.tiny()
@@ -49,6 +50,8 @@ def originals(tmp_path_factory) -> dict[str, bytes]:
     save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(8, 8),
                "model.diffusion_model.txt_in.individual_token_refiner.blocks.0.norm1.weight": torch.zeros(8),
                "model.diffusion_model.vision_in.proj.0.weight": torch.zeros(8)}, str(d / "hv15.safetensors"))
+    wan = registry.by_name("wan")
+    save_file(wan.random_state_dict(wan.tiny_dims(), seed=0), str(d / "wan.safetensors"))
     g = torch.Generator().manual_seed(0)
     ctx = lambda: torch.randn(6, DIMS.context_in_dim, generator=g)  # noqa: E731
     pooled = lambda: torch.randn(768, generator=g)  # noqa: E731
@@ -188,6 +191,9 @@ CASES = [
     Case("calibrate-source-is-checkpoint", ("ckpt.safetensors",),
          lambda d: ["calibrate", str(d / "ckpt.safetensors"), str(d / "out.safetensors"), *CALIB],
          "already a QuantSparse checkpoint", "convert the original BF16"),
+    Case("calibrate-a-family-without-calibration", ("wan.safetensors",),
+         lambda d: ["calibrate", str(d / "wan.safetensors"), str(d / "out.safetensors"), *CALIB],
+         "MSAD calibration of Wan T2V dim 256 is not supported yet", "`quantsparse convert` instead"),
     Case("calibrate-conditioning-missing", ("model.safetensors",),
          lambda d: ["calibrate", str(d / "model.safetensors"), str(d / "out.safetensors"),
                     "--conditioning", str(d / "prompts.safetensors"), *CALIB[2:]],

@@ -11,6 +11,7 @@ import torch
 
 from comfyui_quantsparse.quantsparse import cli
 from comfyui_quantsparse.quantsparse.calib.block import calibrate_block
+from comfyui_quantsparse.quantsparse.models import registry
 from comfyui_quantsparse.quantsparse.calib.job import CalibrationInfo, calibrate_to_file
 from comfyui_quantsparse.quantsparse.calib.settings import CalibSettings
 from comfyui_quantsparse.quantsparse.calib.driver import RunOptions, prepare_inputs
@@ -78,9 +79,11 @@ def test_calibration_beats_round_to_nearest_on_every_block_and_msad_keeps_attent
     outs = []
     rows = []
     current = list(inputs)
-    for bt, i, block in [("double", 0, model.double_blocks[0]), ("double", 1, model.double_blocks[1])]:
-        msad = calibrate_block(block, bt, i, current, SETTINGS, DIMS, on_outputs=lambda n, o: outs.append(o))
-        only_out = calibrate_block(block, bt, i, current, CalibSettings(**{**SETTINGS.to_dict(), "lambda_global": 0.0,
+    refs = registry.adapter_for(DIMS).calib_blocks(model)[:2]  # the two double blocks
+    for ref in refs:
+        bt, i = ref.kind, ref.index
+        msad = calibrate_block(ref, current, SETTINGS, DIMS, on_outputs=lambda n, o: outs.append(o))
+        only_out = calibrate_block(ref, current, CalibSettings(**{**SETTINGS.to_dict(), "lambda_global": 0.0,
                                                                           "lambda_local": 0.0}), DIMS)
         rows.append((bt, i, msad.metrics, only_out.metrics))
         current = [{**s, **o} for s, o in zip(current, outs)]

@@ -22,10 +22,9 @@ import torch
 from torch import nn
 
 from ..core.fakequant import FakeQuantLinear, wrap_linears
-from ..models.hunyuan_video.attention import rope_freqs
-from ..models.hunyuan_video.dims import HunyuanVideoDims
-from ..models.hunyuan_video.layers import layer_kind
-from ..core.config import kind_group_size as layer_group_size, kind_rotate as layer_rotate
+from ..core.config import kind_group_size, kind_rotate
+from ..models import registry
+from ..models.base import BlockRef, ModelAdapter
 from .attention import CalibAttention, band_token_mask, temporal_heads
 from .msad import (
     global_loss,
@@ -42,57 +41,39 @@ from .settings import CalibSettings
 ETA_MIN_FACTOR = 1e-3  # cosine schedule floor: lr * 1e-3 (FlatQuant)
 
 
-def block_key(block_type: str, index: int) -> str:
-    return f"{block_type}_{index:02d}"
-
-
-def block_prefix(block_type: str, index: int) -> str:
-    return f"{block_type}_blocks.{index}"
-
-
-def block_layers(block: nn.Module, block_type: str, index: int, settings: CalibSettings
+def block_layers(block: nn.Module, ref: BlockRef, settings: CalibSettings, adapter: ModelAdapter
                  ) -> dict[str, tuple[str, int, bool]]:
     """{name within the block: (kind, group size, rotate)} of every Linear the checkpoint quantizes."""
     config = settings.quant_config()
-    prefix = block_prefix(block_type, index)
     out = {}
     for name, mod in block.named_modules():
         if isinstance(mod, nn.Linear):
-            kind = layer_kind(f"{prefix}.{name}", config)
+            kind = adapter.layer_kind(f"{ref.prefix}.{name}", config)
             if kind is not None:
-                out[name] = (kind, layer_group_size(kind, config), layer_rotate(kind, config))
+                out[name] = (kind, kind_group_size(kind, config), kind_rotate(kind, config))
     return out
 
 
 # ------------------------------------------------------------------------------------ one call
 
-def geometry(sample: dict[str, torch.Tensor]) -> tuple[tuple[int, int, int], int]:
-    grid = tuple(int(v) for v in sample["grid"].tolist())
-    txt_len = sample["txt"].shape[1] if "txt" in sample else int(sample["txt_len"])
-    return grid, txt_len
+class _Family:
+    """The family's calibration hooks for one block: geometry, RoPE tables (cached per geometry on the
+    device), and running the block on a sample."""
 
+    def __init__(self, adapter: ModelAdapter, ref: BlockRef, dims, device):
+        self.adapter, self.ref, self.dims, self.device, self.cache = adapter, ref, dims, device, {}
 
-class _Rope:
-    """RoPE tables per (grid, text length) on the device, computed once."""
+    def geometry(self, sample):
+        return self.adapter.calib_geometry(sample)
 
-    def __init__(self, dims: HunyuanVideoDims, device):
-        self.dims, self.device, self.cache = dims, device, {}
-
-    def __call__(self, grid, txt_len):
+    def rope(self, grid, txt_len):
         key = (tuple(grid), txt_len)
         if key not in self.cache:
-            self.cache[key] = rope_freqs(grid, txt_len, self.dims.axes_dim, self.dims.theta, device=self.device)
+            self.cache[key] = self.adapter.calib_rope(self.dims, grid, txt_len, self.device)
         return self.cache[key]
 
-
-def run_block(block: nn.Module, block_type: str, sample: dict[str, torch.Tensor], pe: torch.Tensor,
-              attention) -> dict[str, torch.Tensor]:
-    """The block's outputs in its input format ({"img", "txt"} or {"x"})."""
-    mask = sample.get("mask")
-    if block_type == "double":
-        img, txt = block(sample["img"], sample["txt"], sample["vec"], pe, mask, attention=attention)
-        return {"img": img, "txt": txt}
-    return {"x": block(sample["x"], sample["vec"], pe, mask, attention=attention)}
+    def run(self, block, sample, pe, attention):
+        return self.adapter.calib_run_block(self.ref, block, sample, pe, attention)
 
 
 def _flat(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -134,7 +115,7 @@ class Target:
 
 
 @torch.no_grad()
-def full_model_targets(block: nn.Module, block_type: str, sample: dict[str, torch.Tensor], pe: torch.Tensor,
+def full_model_targets(block: nn.Module, fam: _Family, sample: dict[str, torch.Tensor], pe: torch.Tensor,
                        settings: CalibSettings, act_absmax: dict[str, torch.Tensor], names: Sequence[str]
                        ) -> Target:
     """Dense forward of the full-precision ``block`` on one (device) sample; also accumulates each quantized
@@ -145,10 +126,10 @@ def full_model_targets(block: nn.Module, block_type: str, sample: dict[str, torc
             a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
             act_absmax[name] = a if name not in act_absmax else torch.maximum(act_absmax[name], a)
         hooks.append(block.get_submodule(name).register_forward_hook(hook))
-    grid, txt_len = geometry(sample)
+    grid, txt_len = fam.geometry(sample)
     attn = CalibAttention(grid=grid, txt_len=txt_len)
     try:
-        out = run_block(block, block_type, sample, pe, attn)
+        out = fam.run(block, sample, pe, attn)
     finally:
         for h in hooks:
             h.remove()
@@ -165,10 +146,10 @@ def full_model_targets(block: nn.Module, block_type: str, sample: dict[str, torc
 
 # ------------------------------------------------------------------------------------ losses
 
-def sample_losses(qblock: nn.Module, block_type: str, sample, target: Target, pe, settings: CalibSettings,
+def sample_losses(qblock: nn.Module, fam: _Family, sample, target: Target, pe, settings: CalibSettings,
                   token_masks: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(output MSE, L_global, L_local) of the quantized block on one device sample."""
-    grid, txt_len = geometry(sample)
+    grid, txt_len = fam.geometry(sample)
     mask = None
     if settings.masked:
         key = (grid, txt_len)
@@ -179,7 +160,7 @@ def sample_losses(qblock: nn.Module, block_type: str, sample, target: Target, pe
             token_masks[key] = torch.zeros(keep.shape, dtype=dtype, device=pe.device).masked_fill_(~keep, float("-inf"))
         mask = token_masks[key]
     attn = CalibAttention(grid=grid, txt_len=txt_len, token_mask=mask, temporal=target.temporal)
-    out = run_block(qblock, block_type, sample, pe, attn)
+    out = fam.run(qblock, sample, pe, attn)
     l_out = mse(_flat(out), _flat(target.out))
     l_g = global_loss(target.pooled, attn.q, attn.k, settings.pool_stride)
     l_l = local_loss(target.rows, attn.q, attn.k, target.idx, sample.get("mask"))
@@ -198,13 +179,13 @@ def _set_mode(layers: dict[str, FakeQuantLinear], *, rtn: bool) -> None:
         m.rtn = rtn
 
 
-def _evaluate(qblock, block_type, samples, targets, rope, settings, token_masks, device, dtype) -> dict[str, float]:
+def _evaluate(qblock, fam: _Family, samples, targets, settings, token_masks, device, dtype) -> dict[str, float]:
     sums = {"out": 0.0, "global": 0.0, "local": 0.0}
     with torch.no_grad():
         for s, t in zip(samples, targets):
             sd = _to(s, device, dtype)
-            grid, txt_len = geometry(sd)
-            terms = sample_losses(qblock, block_type, sd, t.to(device), rope(grid, txt_len), settings, token_masks)
+            grid, txt_len = fam.geometry(sd)
+            terms = sample_losses(qblock, fam, sd, t.to(device), fam.rope(grid, txt_len), settings, token_masks)
             for key, v in zip(("out", "global", "local"), terms):
                 sums[key] += float(v)
     return {k: v / max(1, len(samples)) for k, v in sums.items()}
@@ -218,42 +199,43 @@ def _cosine(step: int, total: int) -> float:
     return ETA_MIN_FACTOR + (1 - ETA_MIN_FACTOR) * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
 
-def calibrate_block(block: nn.Module, block_type: str, index: int, samples: Sequence[dict[str, torch.Tensor]],
-                    settings: CalibSettings, dims: HunyuanVideoDims, *, device="cpu", dtype=None,
+def calibrate_block(ref: BlockRef, samples: Sequence[dict[str, torch.Tensor]], settings: CalibSettings, dims, *,
+                    device="cpu", dtype=None,
                     on_outputs: Optional[Callable[[int, dict[str, torch.Tensor]], None]] = None,
                     check_stop: Optional[Callable[[], None]] = None, device_cache_bytes: int = 4 << 30,
                     log: Optional[Callable[[str], None]] = None) -> BlockResult:
-    """Calibrate ``block`` (left unchanged) on host ``samples``; ``on_outputs(i, outputs)`` receives each
+    """Calibrate the block ``ref`` (left unchanged; its family from ``dims``) on host ``samples``; ``on_outputs(i, outputs)`` receives each
     sample's full-model outputs (host tensors, the next block's inputs) in order; ``check_stop`` is called
     between steps and may raise to interrupt. Runs with autograd on even when called under ComfyUI's
     inference mode."""
     with torch.inference_mode(False), torch.enable_grad():
-        return _calibrate_block(block, block_type, index, samples, settings, dims, device=device, dtype=dtype,
+        return _calibrate_block(ref, samples, settings, dims, device=device, dtype=dtype,
                                 on_outputs=on_outputs, check_stop=check_stop, device_cache_bytes=device_cache_bytes,
                                 log=log)
 
 
-def _calibrate_block(block, block_type, index, samples, settings, dims, *, device, dtype, on_outputs, check_stop,
+def _calibrate_block(ref: BlockRef, samples, settings, dims, *, device, dtype, on_outputs, check_stop,
                      device_cache_bytes, log) -> BlockResult:
     t0 = time.perf_counter()
     device = torch.device(device)
-    key = block_key(block_type, index)
-    fp = copy.deepcopy(block).to(device)
+    key = ref.key
+    adapter = registry.adapter_for(dims)
+    fp = copy.deepcopy(ref.module).to(device)
     dtype = dtype or next(fp.parameters()).dtype
     fp.to(dtype)
     for t in list(fp.parameters()) + list(fp.buffers()):
         if t.is_inference():
             t.data = t.data.clone()
-    names = block_layers(fp, block_type, index, settings)
-    rope = _Rope(dims, device)
+    names = block_layers(fp, ref, settings, adapter)
+    fam = _Family(adapter, ref, dims, device)
 
     # 1. full-model targets, one sample at a time
     act_absmax: dict[str, torch.Tensor] = {}
     targets: list[Target] = []
     for n, s in enumerate(samples):
         sd = _to(s, device, dtype)
-        grid, txt_len = geometry(sd)
-        t = full_model_targets(fp, block_type, sd, rope(grid, txt_len), settings, act_absmax, list(names))
+        grid, txt_len = fam.geometry(sd)
+        t = full_model_targets(fp, fam, sd, fam.rope(grid, txt_len), settings, act_absmax, list(names))
         host_out = {k: v.to("cpu") for k, v in t.out.items()}
         if on_outputs is not None:
             on_outputs(n, host_out)
@@ -269,7 +251,7 @@ def _calibrate_block(block, block_type, index, samples, settings, dims, *, devic
     for p in fp.parameters():
         p.requires_grad_(False)
     token_masks: dict = {}
-    ev = lambda: _evaluate(fp, block_type, samples, targets, rope, settings, token_masks, device, dtype)  # noqa: E731
+    ev = lambda: _evaluate(fp, fam, samples, targets, settings, token_masks, device, dtype)  # noqa: E731
     _set_mode(layers, rtn=True)
     rtn = ev()
     _set_mode(layers, rtn=False)
@@ -300,15 +282,15 @@ def _calibrate_block(block, block_type, index, samples, settings, dims, *, devic
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     total = settings.epochs * len(samples)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _cosine(step, total))
-    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + (0 if block_type == "double" else 500) + index)
+    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + (500 if ref.kind == "single" else 0) + ref.index)
     step = 0
     for epoch in range(settings.epochs):
         for i in torch.randperm(len(samples), generator=gen).tolist():
             if check_stop is not None:
                 check_stop()
             sd = _to(samples[i], device, dtype)
-            grid, txt_len = geometry(sd)
-            l_out, l_g, l_l = sample_losses(fp, block_type, sd, targets[i].to(device), rope(grid, txt_len),
+            grid, txt_len = fam.geometry(sd)
+            l_out, l_g, l_l = sample_losses(fp, fam, sd, targets[i].to(device), fam.rope(grid, txt_len),
                                             settings, token_masks)
             loss = l_out + lg * l_g + ll * l_l
             opt.zero_grad(set_to_none=True)

@@ -1,4 +1,5 @@
-"""Block-wise MSAD calibration of a whole HunyuanVideo: double blocks, then single blocks, resumable.
+"""Block-wise MSAD calibration of a whole model (its family's blocks in order, e.g. HunyuanVideo's double
+then single blocks), resumable.
 
 Input: the model (BF16, on the host) and captured model-level samples (latent, timestep, text
 conditioning at points spread over real sampling runs; ``capture.py``). Each block is calibrated on the
@@ -34,8 +35,8 @@ import torch
 
 from ..core.errors import QuantSparseError, public
 from ..core.paths import PathError
-from ..models.hunyuan_video.model import HunyuanVideo
-from .block import block_key, block_prefix, calibrate_block
+from ..models import registry
+from .block import calibrate_block
 from .settings import CalibSettings
 from .store import (
     DEFAULT_MEMORY_BUDGET,
@@ -73,12 +74,7 @@ class RunOptions:
     extra: dict = field(default_factory=dict)
 
 
-def block_order(model: HunyuanVideo) -> list[tuple[str, int]]:
-    return ([("double", i) for i in range(len(model.double_blocks))]
-            + [("single", i) for i in range(len(model.single_blocks))])
-
-
-def model_fingerprint(model: HunyuanVideo) -> str:
+def model_fingerprint(model) -> str:
     """Cheap identity of the weights: dims plus a float64 checksum of every block's first Linear."""
     return state_fingerprint(model.dims.to_dict(), model.state_dict())
 
@@ -119,47 +115,23 @@ def _save_params(path: str, params, metrics: dict) -> None:
 
 
 @torch.no_grad()
-def prepare_inputs(model: HunyuanVideo, samples: Sequence[dict[str, torch.Tensor]], folder: str, *, device="cpu",
+def prepare_inputs(model, samples: Sequence[dict[str, torch.Tensor]], folder: str, *, device="cpu",
                    memory_budget: int = DEFAULT_MEMORY_BUDGET) -> ActivationSet:
-    """Model-level samples (``x``, ``timestep``, ``context``, ``y``, optional ``guidance``, ``txt_mask``)
-    -> the first double block's inputs, through the full model's embedders and text refiner."""
+    """Model-level samples -> the first block's inputs, through the full model's embedders (the family's
+    ``calib_first_inputs``)."""
+    adapter = registry.adapter_for(model.dims)
     writer = ActivationWriter(folder, memory_budget=memory_budget)
     dev = torch.device(device)
-    moved = []
-    for name in ("img_in", "time_in", "vector_in", "guidance_in", "txt_in"):
-        mod = getattr(model, name)
-        if mod is not None:
-            moved.append(mod)
-            mod.to(dev)
+    moved = adapter.calib_embedders(model)
+    for mod in moved:
+        mod.to(dev)
     try:
         for s in samples:
-            inp = model.prepare(s["x"].to(dev), s["timestep"].to(dev), s["context"].to(dev), s["y"].to(dev),
-                                s["guidance"].to(dev) if "guidance" in s else None,
-                                s["txt_mask"].to(dev) if "txt_mask" in s else None)
-            out = {"img": inp.img, "txt": inp.txt, "vec": inp.vec, "grid": torch.tensor(inp.grid)}
-            if inp.attn_mask is not None:
-                out["mask"] = inp.attn_mask
-            writer.add(out)
+            writer.add(adapter.calib_first_inputs(model, s, dev))
     finally:
         for mod in moved:
             mod.to("cpu")
     return writer.finish()
-
-
-def _to_single(sample_in: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Next block's inputs from a block's outputs (the joint sequence, text first, after the last double block)."""
-    keep = {k: v for k, v in sample_in.items() if k in ("vec", "grid", "mask", "txt_len")}
-    if "img" in out:
-        keep.update(out)
-        return keep
-    keep["x"] = out["x"]
-    if "txt_len" not in keep:
-        keep["txt_len"] = torch.tensor(sample_in["txt"].shape[1])
-    return keep
-
-
-def _joint(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"x": torch.cat((out["txt"], out["img"]), dim=1)}
 
 
 class WorkMismatch(QuantSparseError):
@@ -308,7 +280,7 @@ class WorkFolder:
         self.save()
 
 
-def calibrate_model(model: HunyuanVideo, samples: Sequence[dict[str, torch.Tensor]], settings: CalibSettings,
+def calibrate_model(model, samples: Sequence[dict[str, torch.Tensor]], settings: CalibSettings,
                     work: WorkFolder | str, options: Optional[RunOptions] = None) -> CalibrationResult:
     """Calibrate every block of ``model`` (unchanged) on the model-level ``samples``; see the module doc.
 
@@ -321,22 +293,22 @@ def calibrate_model(model: HunyuanVideo, samples: Sequence[dict[str, torch.Tenso
                        "samples": samples_fingerprint(samples), "count": len(samples)}
         work = WorkFolder(work, fingerprint, log=opt.log)
     work_dir = work.root
-    order = block_order(model)
+    adapter = registry.adapter_for(model.dims)
+    order = adapter.calib_blocks(model)
     total = len(order)
     first_todo = _first_todo(work, order)
     params: dict[str, tuple] = {}
     blocks: dict[str, dict] = {}
-    for n in range(first_todo):
-        bt, i = order[n]
-        p, metrics = _load_params(work.params(block_key(bt, i)))
-        params.update({f"{block_prefix(bt, i)}.{name}": v for name, v in p.items()})
-        blocks[block_key(bt, i)] = metrics
+    for ref in order[:first_todo]:
+        p, metrics = _load_params(work.params(ref.key))
+        params.update({f"{ref.prefix}.{name}": v for name, v in p.items()})
+        blocks[ref.key] = metrics
     if first_todo:
-        current = ActivationSet.open(work.acts(block_key(*order[first_todo - 1])), memory_budget=opt.memory_budget)
+        current = ActivationSet.open(work.acts(order[first_todo - 1].key), memory_budget=opt.memory_budget)
         if opt.log:
             opt.log(f"resuming after {first_todo} calibrated block(s) from {work_dir}")
         if opt.progress is not None:
-            opt.progress(first_todo, total, block_key(*order[first_todo - 1]))
+            opt.progress(first_todo, total, order[first_todo - 1].key)
     elif ActivationSet.is_complete(work.inputs()):
         current = ActivationSet.open(work.inputs(), memory_budget=opt.memory_budget)
     else:
@@ -344,44 +316,41 @@ def calibrate_model(model: HunyuanVideo, samples: Sequence[dict[str, torch.Tenso
     for n in range(first_todo, total):
         if opt.check_stop is not None:
             opt.check_stop()
-        bt, i = order[n]
-        key, prefix = block_key(bt, i), block_prefix(bt, i)
-        block = model.double_blocks[i] if bt == "double" else model.single_blocks[i]
-        writer = ActivationWriter(work.acts(key), memory_budget=opt.memory_budget)
-        last_double = bt == "double" and i == len(model.double_blocks) - 1
+        ref = order[n]
+        writer = ActivationWriter(work.acts(ref.key), memory_budget=opt.memory_budget)
+        last_of_kind = n + 1 == total or order[n + 1].kind != ref.kind
         inputs = current
 
-        def on_outputs(idx, out, inputs=inputs, writer=writer, last_double=last_double):
-            src = inputs[idx]
-            writer.add(_to_single(src, _joint(out) if last_double else out))
+        def on_outputs(idx, out, inputs=inputs, writer=writer, ref=ref, last_of_kind=last_of_kind):
+            writer.add(adapter.calib_next_inputs(ref, last_of_kind, inputs[idx], out))
 
-        result = calibrate_block(block, bt, i, current, settings, model.dims, device=opt.device, dtype=opt.dtype,
+        result = calibrate_block(ref, current, settings, model.dims, device=opt.device, dtype=opt.dtype,
                                  on_outputs=on_outputs, check_stop=opt.check_stop,
                                  device_cache_bytes=opt.device_cache_bytes, log=opt.log)
         current = writer.finish()
-        _save_params(work.params(key), result.params, result.metrics)
-        work.mark_done(key)
-        if n > 0 and os.path.isdir(work.acts(block_key(*order[n - 1]))):
-            shutil.rmtree(work.acts(block_key(*order[n - 1])))  # the boundary before is no longer needed
+        _save_params(work.params(ref.key), result.params, result.metrics)
+        work.mark_done(ref.key)
+        if n > 0 and os.path.isdir(work.acts(order[n - 1].key)):
+            shutil.rmtree(work.acts(order[n - 1].key))  # the boundary before is no longer needed
         m = result.metrics
         if opt.log:
-            opt.log(f"{key}: output MSE {m['rtn']['out']:.4g} (round-to-nearest) -> {m['final']['out']:.4g}; "
+            opt.log(f"{ref.key}: output MSE {m['rtn']['out']:.4g} (round-to-nearest) -> {m['final']['out']:.4g}; "
                     f"global {m['rtn']['global']:.3g} -> {m['final']['global']:.3g}; "
                     f"local {m['rtn']['local']:.3g} -> {m['final']['local']:.3g}; {m['seconds']:.1f} s")
-        params.update({f"{prefix}.{name}": v for name, v in result.params.items()})
-        blocks[key] = m
+        params.update({f"{ref.prefix}.{name}": v for name, v in result.params.items()})
+        blocks[ref.key] = m
         if opt.progress is not None:
-            opt.progress(n + 1, total, key)
+            opt.progress(n + 1, total, ref.key)
     return CalibrationResult(params, blocks, time.perf_counter() - t0, first_todo)
 
 
 def _first_todo(work: WorkFolder, order) -> int:
     """Blocks done in order, with their parameters, and the saved boundary after the last of them."""
     n = 0
-    while n < len(order) and n < len(work.done) and work.done[n] == block_key(*order[n]) \
+    while n < len(order) and n < len(work.done) and work.done[n] == order[n].key \
             and os.path.isfile(work.params(work.done[n])):
         n += 1
-    if n and not ActivationSet.is_complete(work.acts(block_key(*order[n - 1]))):
+    if n and not ActivationSet.is_complete(work.acts(order[n - 1].key)):
         n = 0  # the boundary is gone (deleted by hand): start over
     if n != len(work.done):
         work.state["done"] = work.done[:n]

@@ -16,10 +16,9 @@ import torch
 from ..checkpoint.convert import quantize_rows
 from ..checkpoint.format import FLOAT_DTYPE, CheckpointMeta, quantized_layers, write_checkpoint
 from ..core.config import QuantSparseConfig
-from ..models.hunyuan_video.dims import HunyuanVideoDims
 
 
-def checkpoint_tensors(state: Mapping[str, torch.Tensor], dims: HunyuanVideoDims, config: QuantSparseConfig,
+def checkpoint_tensors(state: Mapping[str, torch.Tensor], dims, config: QuantSparseConfig,
                        params: Mapping[str, tuple[Optional[torch.Tensor], torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of the checkpoint, one Linear quantized at a time (ComfyUI names, no prefix)."""
     layers = quantized_layers(dims, config)
@@ -37,7 +36,7 @@ def checkpoint_tensors(state: Mapping[str, torch.Tensor], dims: HunyuanVideoDims
             yield f"{prefix}.smooth", qw.smooth
 
 
-def export_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor], dims: HunyuanVideoDims,
+def export_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor], dims,
                       config: QuantSparseConfig, params: Mapping[str, tuple[Optional[torch.Tensor], torch.Tensor]],
                       calibration: dict[str, Any], sparse_defaults: dict[str, Any], *, overwrite: bool = False) -> int:
     """Write the calibrated checkpoint; returns its size in bytes."""

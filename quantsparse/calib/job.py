@@ -31,7 +31,7 @@ from ..core.paths import (
     output_folder,
 )
 from ..core.safetensors_io import SafetensorsError, read_header
-from ..models.hunyuan_video.model import HunyuanVideo
+from ..models import registry
 from ..sparse.config import SparseConfig
 from .driver import CalibrationResult, RunOptions, WorkFolder, calibrate_model, clear_work, model_fingerprint
 from .export import export_checkpoint
@@ -87,11 +87,11 @@ def capture_fingerprint(info: CalibrationInfo, samples: int, conds: Sequence) ->
             "guidance": info.guidance, "samples": samples, "conditioning": conditioning_fingerprint(conds)}
 
 
-def run_fingerprint(model: HunyuanVideo, settings: CalibSettings, capture: Optional[dict]) -> dict:
+def run_fingerprint(model, settings: CalibSettings, capture: Optional[dict]) -> dict:
     return {"model": model_fingerprint(model), "capture": capture or {}, "settings": settings.to_dict()}
 
 
-def calibrate_to_file(model: HunyuanVideo, samples: Union[Samples, Callable[[], Samples]], settings: CalibSettings,
+def calibrate_to_file(model, samples: Union[Samples, Callable[[], Samples]], settings: CalibSettings,
                       dst: str | os.PathLike, info: CalibrationInfo, *, work_dir: str, overwrite: bool = False,
                       restart: bool = False, inputs: Sequence = (), capture: Optional[dict] = None,
                       fingerprint: Optional[dict] = None, keep_work: bool = False,
@@ -146,17 +146,18 @@ def worse_than_rtn_lines(record: dict) -> list[str]:
     return []
 
 
-def load_full_model(src: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> HunyuanVideo:
-    """A BF16/FP16/FP32 HunyuanVideo file (ComfyUI naming, prefixed or not) as the torch model, in ``dtype``.
+def load_full_model(src: str | os.PathLike, dtype: torch.dtype = torch.bfloat16):
+    """A BF16/FP16/FP32 model file (ComfyUI naming, prefixed or not) as its family's torch model, in ``dtype``.
 
     The file is checked from its header first (``convert.inspect_source``: a QuantSparse or FP8 file, or
-    another model, is refused with a message saying which file to use instead).
-    """
+    another model, is refused with a message saying which file to use instead), and so is whether its
+    family can be calibrated yet."""
     from ..checkpoint.convert import inspect_source
     from ..core.safetensors_io import TensorFile
 
     source = inspect_source(src)
-    model = HunyuanVideo(source.dims, dtype=dtype, device="meta")
+    adapter = check_calibration_supported(source.dims)
+    model = adapter.build_model(source.dims, dtype=dtype, device="meta")
     state = {}
     with TensorFile(source.header) as reader:
         for key in source.header.tensors:
@@ -164,6 +165,15 @@ def load_full_model(src: str | os.PathLike, dtype: torch.dtype = torch.bfloat16)
                 state[key[len(source.prefix):]] = reader.get(key).to(dtype)
     model.load_state_dict(state, assign=True)
     return model
+
+
+def check_calibration_supported(dims):
+    """The adapter of ``dims``, if MSAD calibration supports its family; otherwise a refusal with what to do."""
+    adapter = registry.adapter_for(dims)
+    if not adapter.calibration_supported:
+        raise CheckpointError(f"MSAD calibration of {adapter.variant(dims)} is not supported yet; make a "
+                              "round-to-nearest checkpoint of it with `quantsparse convert` instead")
+    return adapter
 
 
 _COND_KEY = re.compile(r"^(context|pooled|mask)\.(\d+)$")

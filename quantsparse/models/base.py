@@ -8,7 +8,10 @@ converter, sparse attention, SSAR and calibration never name a family: they ask 
 - the family's dimensions, read from key shapes and written to and read from checkpoint metadata;
 - every tensor ComfyUI's model of those dimensions holds (names, shapes), and each Linear's kind;
 - the head size, tiny dimensions and random weights (tests, proxy models);
-- for calibration, when the family supports it: a torch model and its blocks (``CalibrationModel``);
+- for calibration, when the family supports it (``calibration_supported``): a torch model, its blocks in
+  order (``BlockRef``), how a model-level sample becomes the first block's inputs, how a block runs on
+  its inputs and how its outputs become the next block's inputs, its geometry and RoPE (the ``calib_*``
+  methods);
 - for the ComfyUI side, pure functions over ComfyUI's call arguments: what an attention call is, and
   whether it may run sparse and why not (``attention_call``).
 """
@@ -25,6 +28,18 @@ import torch
 from ..core.config import QuantSparseConfig
 
 Shapes = Mapping[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One transformer block in calibration order: its key in work folders and records ("double_00"), its
+    ComfyUI prefix ("double_blocks.0"), its kind within the family ("double", "single", "block"), index."""
+
+    key: str
+    prefix: str
+    kind: str
+    index: int
+    module: Any  # the torch block
 
 
 @dataclass(frozen=True)

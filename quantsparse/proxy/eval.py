@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..calib.block import block_key
+from ..calib.attention import CalibAttention
+from ..models import registry
 from ..core.metrics import psnr, ssim
 from ..models.hunyuan_video.model import HunyuanVideo
 from .sample import CalibrateFn, SampleResult, decode, resolve_calibrate, rtn_calibrate
@@ -65,27 +66,28 @@ def model_bytes(model: HunyuanVideo) -> int:
 
 
 @torch.no_grad()
-def block_errors(dense: HunyuanVideo, quant: HunyuanVideo, inputs: Sequence[tuple]) -> dict:
+def block_errors(dense, quant, inputs: Sequence[tuple]) -> dict:
     """Relative output error ``|q(x) - d(x)| / |d(x)|`` of every block, each fed the dense model's own
     block inputs (so the figure is that block's error alone, not the accumulated one), averaged over
-    ``inputs`` ((x, timestep, context, y, guidance) model inputs)."""
-    names = [block_key("double", i) for i in range(len(dense.double_blocks))] + \
-            [block_key("single", i) for i in range(len(dense.single_blocks))]
-    sums = dict.fromkeys(names, 0.0)
+    ``inputs`` ((x, timestep, context, y, guidance) model inputs). Blocks, their inputs and how they run
+    come from the model family's adapter, as in calibration."""
+    adapter = registry.adapter_for(dense.dims)
+    d_refs, q_refs = adapter.calib_blocks(dense), adapter.calib_blocks(quant)
+    sums = dict.fromkeys((r.key for r in d_refs), 0.0)
     for x, t, ctx, y, g in inputs:
-        inp = dense.prepare(x, t, ctx, y, g)
-        img, txt = inp.img, inp.txt
-        for i, (db, qb) in enumerate(zip(dense.double_blocks, quant.double_blocks)):
-            d_img, d_txt = db(img, txt, inp.vec, inp.pe, inp.attn_mask)
-            q_img, q_txt = qb(img, txt, inp.vec, inp.pe, inp.attn_mask)
-            d, q = torch.cat([d_txt, d_img], 1).float(), torch.cat([q_txt, q_img], 1).float()
-            sums[block_key("double", i)] += float((q - d).norm() / d.norm())
-            img, txt = d_img, d_txt
-        joint = torch.cat([txt, img], 1)
-        for i, (db, qb) in enumerate(zip(dense.single_blocks, quant.single_blocks)):
-            d, q = db(joint, inp.vec, inp.pe, inp.attn_mask), qb(joint, inp.vec, inp.pe, inp.attn_mask)
-            sums[block_key("single", i)] += float((q.float() - d.float()).norm() / d.float().norm())
-            joint = d
+        sample = adapter.calib_first_inputs(dense, {"x": x, "timestep": t, "context": ctx, "y": y, "guidance": g},
+                                            x.device)
+        for n, (dr, qr) in enumerate(zip(d_refs, q_refs)):
+            grid, txt_len = adapter.calib_geometry(sample)
+            pe = adapter.calib_rope(dense.dims, grid, txt_len, x.device)
+            attn = CalibAttention(grid=grid, txt_len=txt_len, record=False)
+            d_out = adapter.calib_run_block(dr, dr.module, sample, pe, attn)
+            q_out = adapter.calib_run_block(qr, qr.module, sample, pe, attn)
+            d = torch.cat([d_out[k].float().flatten() for k in sorted(d_out)])
+            q = torch.cat([q_out[k].float().flatten() for k in sorted(q_out)])
+            sums[dr.key] += float((q - d).norm() / d.norm())
+            last_of_kind = n + 1 == len(d_refs) or d_refs[n + 1].kind != dr.kind
+            sample = adapter.calib_next_inputs(dr, last_of_kind, sample, d_out)
     return {k: v / max(len(inputs), 1) for k, v in sums.items()}
 
 

@@ -10,29 +10,17 @@ then the video tokens in ``(t, h, w)`` order; the two text-refiner calls per for
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
 from ...core.config import QuantSparseConfig
-from ..base import AttentionCall, ModelAdapter, Shapes
+from ..base import AttentionCall, BlockRef, ModelAdapter, Shapes
 from .dims import HEAD_DIM, TRIGGER_KEY, HunyuanVideoDims, dims_from_state_dict
 from .layers import ARCHITECTURE, layer_kind
 
 _V15_MARKERS = ("vision_in.", "cond_type_embedding.", "time_r_in.", "byt5_in.")
-
-
-@dataclass(frozen=True)
-class BlockRef:
-    """One block in calibration order: its key in work folders and records, its ComfyUI prefix, its kind."""
-
-    key: str  # "double_00"
-    prefix: str  # "double_blocks.0"
-    kind: str  # "double" | "single"
-    index: int
-    module: nn.Module
 
 
 class HunyuanVideoAdapter(ModelAdapter):
