@@ -65,8 +65,12 @@ from _common import rel_err, write_json  # noqa: E402
 LATENTS = {30210: (19, 60, 106), 118800: (33, 90, 160)}  # 848x480x73, 1280x720x129
 TINY_LATENTS = {64: (2, 8, 16), 192: (3, 16, 16), 256: (4, 16, 16)}
 TXT_FULL, TXT_TINY = 256, 16
-STEPS = 50
-SHIFT = 7.0  # HunyuanVideo's sampling shift (comfy.supported_models.HunyuanVideo)
+# Wan 14B: 832x480x81 and 1280x720x81 (16-channel latents, stride 4x8x8), 512 umT5 tokens in cross-attention
+WAN_LATENTS = {32760: (21, 60, 104), 75600: (21, 90, 160)}
+WAN_TINY_LATENTS = {64: (2, 8, 16), 192: (3, 16, 16)}
+WAN_TXT = 512
+STEPS = 50  # --steps sets it (4 for the step-distilled regime)
+SHIFT = 7.0  # HunyuanVideo's sampling shift (comfy.supported_models.HunyuanVideo); Wan's is 8 (WAN21_T2V)
 GUIDANCE = 6.0  # ComfyUI's default embedded guidance for HunyuanVideo
 LONG_TOKENS = 60000  # above this: one timed rep by default, attention-only warm-up for the second backend
 LONG_TOKENS_TINY = 200  # --tiny: the larger tiny length takes the long path, so that the dry run covers it
@@ -74,6 +78,7 @@ SEED = 0
 BIAS_STD, NORM_STD = 0.02, 0.1  # quantsparse.hunyuan.random_weights' distribution
 
 T0 = time.perf_counter()
+ARCH = "hunyuan_video"  # --model sets it: the family whose adapter the sparse patch reads calls with
 
 
 def log(msg: str) -> None:
@@ -104,13 +109,14 @@ def import_comfy(cpu: bool):
     import comfy.ops
     import comfy.patcher_extension
     from comfy.ldm.hunyuan_video.model import HunyuanVideo
+    from comfy.ldm.wan.model import WanModel
 
     version = None
     with contextlib.suppress(OSError):
         for line in open(os.path.join(root, "comfyui_version.py")).read().splitlines():
             if "__version__" in line:
                 version = line.split("=", 1)[1].strip().strip("\"'")
-    return SimpleNamespace(HunyuanVideo=HunyuanVideo, ops=comfy.ops, detection=comfy.model_detection,
+    return SimpleNamespace(HunyuanVideo=HunyuanVideo, WanModel=WanModel, ops=comfy.ops, detection=comfy.model_detection,
                            patcher_extension=comfy.patcher_extension, attention=comfy_attention, version=version)
 
 
@@ -126,13 +132,19 @@ def environment(device: torch.device) -> dict:
 
 def unet_config(comfy, dims) -> dict:
     """ComfyUI's detection config for these dims (read from key shapes on the meta device: no memory)."""
-    from comfyui_quantsparse.quantsparse.models.hunyuan_video.model import reference_state_shapes
+    from comfyui_quantsparse.quantsparse.models import registry
 
-    sd = {k: torch.empty(s, device="meta") for k, s in reference_state_shapes(dims).items()}
+    shapes = registry.adapter_for(dims).reference_shapes(dims)
+    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     cfg = comfy.detection.detect_unet_config(sd, "")
-    if cfg is None or cfg.get("image_model") != "hunyuan_video":
-        raise RuntimeError(f"ComfyUI did not detect HunyuanVideo from the {dims} key shapes: {cfg}")
+    want = {"hunyuan_video": "hunyuan_video", "wan": "wan2.1"}[type(dims).architecture]
+    if cfg is None or cfg.get("image_model") != want:
+        raise RuntimeError(f"ComfyUI did not detect {want} from the {dims} key shapes: {cfg}")
     return cfg
+
+
+def comfy_class(comfy, dims):
+    return comfy.WanModel if type(dims).architecture == "wan" else comfy.HunyuanVideo
 
 
 @torch.no_grad()
@@ -158,15 +170,25 @@ def flow_sigmas(steps: int, device) -> torch.Tensor:
     return (SHIFT * t / (1 + (SHIFT - 1) * t)).float().to(device)
 
 
-def make_inputs(latent, txt_len, dims, device, dtype, seed) -> SimpleNamespace:
+def make_inputs(latent, txt_len, dims, device, dtype, seed, batch: int = 1) -> SimpleNamespace:
+    """One model call's inputs; ``batch`` 2 is a CFG call (uncond and cond rows in one forward, as ComfyUI
+    batches them: ``cond_or_uncond`` [1, 0])."""
     g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(1, dims.in_channels, *latent, generator=g, device=device, dtype=torch.float32).to(dtype)
-    ctx = torch.randn(1, txt_len, dims.context_in_dim, generator=g, device=device, dtype=torch.float32).to(dtype)
-    y = torch.randn(1, dims.vec_in_dim, generator=g, device=device, dtype=torch.float32).to(dtype)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
+    cond_or_uncond = [1, 0][:batch] if batch > 1 else [0]
+    if type(dims).architecture == "wan":
+        grid = (latent[0], latent[1] // 2, latent[2] // 2)
+        return SimpleNamespace(x=rnd(batch, dims.in_dim, *latent), ctx=rnd(batch, txt_len, dims.text_dim), y=None,
+                               guidance=None, sigmas=flow_sigmas(STEPS, device), grid=grid, img_len=math.prod(grid),
+                               txt_len=0, heads=dims.num_heads, latent=latent, batch=batch,
+                               cond_or_uncond=cond_or_uncond, wan=True)
+    x = rnd(batch, dims.in_channels, *latent)
+    ctx = rnd(batch, txt_len, dims.context_in_dim)
+    y = rnd(batch, dims.vec_in_dim)
     grid = tuple(s // p for s, p in zip(latent, dims.patch_size))
-    return SimpleNamespace(x=x, ctx=ctx, y=y, guidance=torch.tensor([GUIDANCE], device=device, dtype=dtype),
+    return SimpleNamespace(x=x, ctx=ctx, y=y, guidance=torch.full((batch,), GUIDANCE, device=device, dtype=dtype),
                            sigmas=flow_sigmas(STEPS, device), grid=grid, img_len=math.prod(grid), txt_len=txt_len,
-                           heads=dims.num_heads, latent=latent)
+                           heads=dims.num_heads, latent=latent, batch=batch, cond_or_uncond=cond_or_uncond, wan=False)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -193,22 +215,29 @@ class Bench:
         """One model call as BaseModel._apply_model makes it; returns (seconds, output on the host or None)."""
         sig = inp.sigmas[step:step + 1]
         call_to = dict(to)
-        call_to.update(sigmas=sig, sample_sigmas=inp.sigmas, cond_or_uncond=[0])
+        call_to.update(sigmas=sig, sample_sigmas=inp.sigmas, cond_or_uncond=list(inp.cond_or_uncond))
         # ComfyUI's blocks may add into their inputs in place: every call gets fresh copies.
-        x, ctx, y, guidance = inp.x.clone(), inp.ctx.clone(), inp.y.clone(), inp.guidance.clone()
-        t = (sig * 1000.0).float()
+        x, ctx = inp.x.clone(), inp.ctx.clone()
+        y = None if inp.y is None else inp.y.clone()
+        guidance = None if inp.guidance is None else inp.guidance.clone()
+        t = (sig * 1000.0).float().expand(inp.batch)
+        if inp.wan:
+            call = lambda: model(x, t, ctx, transformer_options=call_to)  # noqa: E731
+        else:
+            call = lambda: model(x, t, ctx, y, guidance=guidance, attention_mask=None,  # noqa: E731
+                                 transformer_options=call_to)
         self.sync()
         with torch.inference_mode(), self.backend(backend):
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                out = model(x, t, ctx, y, guidance=guidance, attention_mask=None, transformer_options=call_to)
+                out = call()
                 end.record()
                 end.synchronize()
                 secs = start.elapsed_time(end) / 1000.0
             else:
                 t0 = time.perf_counter()
-                out = model(x, t, ctx, y, guidance=guidance, attention_mask=None, transformer_options=call_to)
+                out = call()
                 secs = time.perf_counter() - t0
         host = out.float().cpu() if keep else None
         finite = bool(torch.isfinite(out).all())
@@ -221,7 +250,7 @@ class Bench:
         """One SDPA call at the model's attention shape under ``backend`` (cuDNN builds its graph per shape)."""
         import torch.nn.functional as F
         seq = inp.txt_len + inp.img_len
-        q = torch.randn(1, inp.heads, seq, 128, device=self.device, dtype=self.dtype)
+        q = torch.randn(inp.batch, inp.heads, seq, 128, device=self.device, dtype=self.dtype)
         with torch.inference_mode(), self.backend(backend):
             F.scaled_dot_product_attention(q, q, q)
         self.sync()
@@ -320,7 +349,7 @@ def convert_in_place(comfy, cfg, dense, dims, device, dtype) -> tuple[torch.nn.M
     qconfig = QuantSparseConfig(bits="w4a8")
     layers = quantized_layers(dims, qconfig)
     t0 = time.perf_counter()
-    qs = comfy.HunyuanVideo(**cfg, dtype=dtype, device=device, operations=quantsparse_ops(layers))
+    qs = comfy_class(comfy, dims)(**cfg, dtype=dtype, device=device, operations=quantsparse_ops(layers))
     dense_mods = dict(dense.named_modules())
     units = []
     for name, child in qs.named_children():
@@ -417,7 +446,9 @@ def sparse_options(config):
     from comfyui_quantsparse.nodes.sparse_patch import (PATCH_KEY, WRAPPER_KEY, SparseAttentionOverride, SparsePatch,
                                                         diffusion_model_wrapper)
 
-    patch = SparsePatch(config)
+    from comfyui_quantsparse.quantsparse.models import registry
+
+    patch = SparsePatch(config, registry.by_name(ARCH))
     to = {PATCH_KEY: patch, "optimized_attention_override": SparseAttentionOverride(None)}
     pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper, to)
     return to, patch
@@ -443,10 +474,26 @@ def in_sampling_run(config, sample_sigmas, body, block_patches=None):
     return result, patch.last_summary
 
 
+def family_fused_patches():
+    """(the family's fused block forward as the loader installs it, or None; why not)."""
+    if ARCH == "wan":
+        try:
+            from comfyui_quantsparse.nodes.fused_wan import fused_block_patches
+        except ImportError as e:
+            return None, f"no fused Wan block forward in this tree ({e})"
+        return fused_block_patches, ""
+    from comfyui_quantsparse.nodes.fused_blocks import fused_block_patches
+    return fused_block_patches, ""
+
+
 def qs_phase(b: Bench, model, inp, row: dict, reps: int, config, refs: dict, errors: list, check: bool,
              best_backend: str | None, profile_out: dict | None, deadline: float, fused: bool = True):
-    from comfyui_quantsparse.nodes.fused_blocks import fused_block_patches
     from comfyui_quantsparse.nodes.sparse_patch import RUN_KEY
+
+    fused_block_patches, why_unfused = family_fused_patches()
+    fused = fused and fused_block_patches is not None
+    if why_unfused:
+        row["unfused_reason"] = why_unfused
 
     kinds, counts = schedule(config)
     dense_steps, warm_pair, timed_pairs = plan_steps(kinds, reps)
@@ -590,7 +637,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--out", default="benchmarks/results", help="folder for e2e_<tag>.json and e2e_profile_<tag>.json")
-    ap.add_argument("--tag", default=None, help="file name tag (default: h100, or tiny with --tiny)")
+    ap.add_argument("--tag", default=None, help="file name tag (default: h200, or tiny with --tiny; wan_<regime>_ is prefixed for --model wan)")
     ap.add_argument("--tokens", type=int, nargs="+", default=None,
                     help=f"video token counts, from {sorted(LATENTS)} (--tiny: {sorted(TINY_LATENTS)})")
     ap.add_argument("--reps", type=int, default=2, help="timed steps per kind at lengths up to 60,000 tokens")
@@ -606,22 +653,33 @@ def main():
                     default=[parse_schedule(x) for x in ("0.1:5", "0.25:5", "0.04:5", "0.1:10", "0.0:10")],
                     help="WARMUP:INTERVAL pairs also summed from the measured step times (rows[].schedules)")
     ap.add_argument("--tiny", action="store_true",
-                    help="CPU dry run of the same code path: tiny HunyuanVideo, small latents, reference kernels")
+                    help="CPU dry run of the same code path: tiny model, small latents, reference kernels")
+    ap.add_argument("--model", choices=["hunyuan", "wan"], default="hunyuan",
+                    help="HunyuanVideo 13B T2V (default) or Wan 14B T2V (one Wan 2.2 A14B expert has its shapes)")
+    ap.add_argument("--steps", type=int, default=50, help="sampling steps of the schedule (4: step-distilled)")
+    ap.add_argument("--batch", type=int, choices=[1, 2], default=1,
+                    help="rows per model call: 2 = CFG (uncond and cond batched, as ComfyUI does), 1 = CFG 1")
     args = ap.parse_args()
     args.backends = sorted(set(args.backends), key=["default", "cudnn"].index)  # the default backend's step warms up
+    global STEPS, SHIFT, ARCH
+    STEPS = args.steps
+    wan = args.model == "wan"
+    if wan:
+        SHIFT, ARCH = 8.0, "wan"
 
     tiny = args.tiny
-    tag = args.tag or ("tiny" if tiny else "h100")
+    regime = f"{STEPS}step_{'cfg' if args.batch == 2 else 'cfg1'}"
+    tag = args.tag or ((f"wan_{regime}_" if wan else "") + ("tiny" if tiny else "h200"))
     device = torch.device("cpu") if tiny else torch.device("cuda")
     if not tiny and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --tiny for the CPU dry run")
     dtype = torch.bfloat16
-    latents = TINY_LATENTS if tiny else LATENTS
-    tokens = sorted(args.tokens or (latents if not tiny else (192, 256)))
+    latents = (WAN_TINY_LATENTS if tiny else WAN_LATENTS) if wan else (TINY_LATENTS if tiny else LATENTS)
+    tokens = sorted(args.tokens or (latents if not tiny else sorted(latents)[-2:]))
     for n in tokens:
         if n not in latents:
             raise SystemExit(f"--tokens {n}: known lengths are {sorted(latents)}")
-    txt_len = TXT_TINY if tiny else TXT_FULL
+    txt_len = (TXT_TINY if tiny else WAN_TXT) if wan else (TXT_TINY if tiny else TXT_FULL)
     deadline = T0 + args.budget_s
     os.makedirs(args.out, exist_ok=True)
     out_path = os.path.join(args.out, f"e2e_{tag}.json")
@@ -629,34 +687,44 @@ def main():
 
     comfy = import_comfy(cpu=tiny)
     from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
+    from comfyui_quantsparse.quantsparse.models.wan.dims import WanDims
     from comfyui_quantsparse.quantsparse.sparse.config import SparseConfig
 
-    dims = HunyuanVideoDims.tiny() if tiny else HunyuanVideoDims.full()
+    if wan:
+        dims = WanDims.tiny() if tiny else WanDims.t2v_14b()
+    else:
+        dims = HunyuanVideoDims.tiny() if tiny else HunyuanVideoDims.full()
     config = SparseConfig(density=0.15, mask_mode="svg", refresh_interval=5)
     kinds, counts = schedule(config)
     check_len = tokens[0]
     errors: list = []
-    rows = {n: {"video_tokens": n, "latent": list(latents[n]), "text_tokens": txt_len} for n in tokens}
+    rows = {n: {"video_tokens": n, "latent": list(latents[n]), "text_tokens": txt_len, "steps": STEPS,
+                "cfg": args.batch == 2, "batch": args.batch} for n in tokens}
     refs: dict = {n: {} for n in tokens}
     profile: dict = {}
     result = dict(environment(device), rows=[], errors=errors)
+    name = (("Wan 14B T2V" if wan else "HunyuanVideo 13B T2V") if not tiny else
+            ("Wan tiny" if wan else "HunyuanVideo tiny"))
     result.update(
         comfyui_version=comfy.version, comfyui_attention=comfy.attention.optimized_attention.__name__,
-        model=("HunyuanVideo 13B T2V" if not tiny else "HunyuanVideo tiny") + " (ComfyUI's class, random BF16 weights)",
-        dims=dims.to_dict(), batch=1, cfg=1.0, guidance=GUIDANCE, steps=STEPS, shift=SHIFT,
+        model=name + " (ComfyUI's class, random BF16 weights)",
+        dims=dims.to_dict(), batch=args.batch, cfg=("CFG: uncond and cond in one batch" if args.batch == 2 else 1.0),
+        guidance=None if wan else GUIDANCE, steps=STEPS, shift=SHIFT,
         sparse_config=config.to_dict(), schedule_counts=dict(counts), schedule=kinds,
-        method=("per-kind step times (CUDA events, median of the timed reps, after warm-up) x the kinds' counts "
-                "over 50 steps (quantsparse.ssar.step_kind); dense = 50 x the faster of ComfyUI's default attention "
-                "and SDPA forced to cuDNN; QuantSparse DENSE steps run ComfyUI's default attention (the product "
-                "path); quantsparse_s_per_50_dense_steps_on_best_backend puts them on the dense baseline's faster "
-                "backend; peaks are torch.cuda.max_memory_allocated per phase (weights included; the BF16 model is "
-                "freed before the QuantSparse phases); cache_gb is the SparseRun's SSAR cache after the timed refresh "
-                "(all blocks); attention_mask None: ComfyUI drops the text mask when no token is padding"),
+        method=(f"per-kind step times (CUDA events, median of the timed reps, after warm-up) x the kinds' counts "
+                f"over {STEPS} steps (quantsparse.sparse.ssar.step_kind); dense = {STEPS} x the faster of ComfyUI's "
+                "default attention and SDPA forced to cuDNN; QuantSparse DENSE steps run ComfyUI's default attention "
+                "(the product path); quantsparse_s_per_50_dense_steps_on_best_backend puts them on the dense "
+                "baseline's faster backend; peaks are torch.cuda.max_memory_allocated per phase (weights included; "
+                "the BF16 model is freed before the QuantSparse phases); cache_gb is the SparseRun's SSAR cache after "
+                "the timed refresh (all blocks); the *_per_50 fields are per run of `steps` steps"),
     )
 
     def save():
         for n in tokens:
             rows[n]["checkpoint_bytes"] = result.get("checkpoint_bytes")
+            rows[n]["dense_s"] = rows[n].get("dense_s_per_50")  # per run of `steps` steps
+            rows[n]["quantsparse_s"] = rows[n].get("quantsparse_s_per_50")
         result["rows"] = [rows[n] for n in tokens]
         result["wall_s"] = time.perf_counter() - T0
         write_json(out_path, result)
@@ -674,13 +742,13 @@ def main():
     try:
         ops = comfy.ops.pick_operations(dtype, None, load_device=device)
         t0 = time.perf_counter()
-        dense = comfy.HunyuanVideo(**cfg, dtype=dtype, device=device, operations=ops)
+        dense = comfy_class(comfy, dims)(**cfg, dtype=dtype, device=device, operations=ops)
         params = fill_random_(dense, device, SEED)
         b.sync()
         result.update(dense_operations=f"{ops.__module__}.{ops.__name__}", params=params,
                       bf16_bytes=sum(t.nbytes for t in dense.state_dict().values()),
                       build_seconds=time.perf_counter() - t0)
-        log(f"built ComfyUI HunyuanVideo ({params / 1e9:.2f} B params, {ops.__name__}) on {device} in "
+        log(f"built ComfyUI {name} ({params / 1e9:.2f} B params, {ops.__name__}) on {device} in "
             f"{result['build_seconds']:.1f} s")
     except Exception as e:  # noqa: BLE001
         errors.append(error_record("build BF16 model", e))
@@ -691,7 +759,7 @@ def main():
     inputs = {}
     for n in tokens:
         try:
-            inputs[n] = make_inputs(latents[n], txt_len, dims, device, dtype, SEED + n)
+            inputs[n] = make_inputs(latents[n], txt_len, dims, device, dtype, SEED + n, batch=args.batch)
         except Exception as e:  # noqa: BLE001
             errors.append(error_record(f"inputs {n}", e))
     for n in tokens:

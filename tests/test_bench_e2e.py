@@ -55,3 +55,25 @@ def test_bench_e2e_tiny_writes_the_issue_fields(tmp_path):
     assert sched[(0.1, 5)]["quantsparse_s_per_50"] == pytest.approx(row["quantsparse_s_per_50"])
     assert sched[(0.1, 10)]["counts"] == {"dense": 4, "refresh": 5, "sparse": 41}
     assert all(sum(r["counts"].values()) == 50 for r in row["schedules"])
+
+
+def test_bench_e2e_tiny_wan_with_cfg_batch_runs_sparse_self_attention(tmp_path):
+    """The Wan code path of the same benchmark: ComfyUI's WanModel, uncond and cond in one batch."""
+    root = os.environ.get("COMFYUI_DIR")
+    if not root:
+        pytest.skip("COMFYUI_DIR is not set: point it at a ComfyUI checkout to run the end-to-end benchmark's dry run")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--tiny", "--model", "wan", "--batch", "2",
+           "--tokens", "64", "--reps", "1", "--backends", "default", "--no-profile", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, COMFYUI_DIR=root), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "e2e_wan_50step_cfg_tiny.json").read_text())
+    assert data["errors"] == [], data["errors"]
+    (row,) = data["rows"]
+    assert row["steps"] == 50 and row["cfg"] is True and row["batch"] == 2
+    assert row["dense_s"] > 0 and row["quantsparse_s"] > 0 and row["speedup"] > 0
+    calls = row["run_summary"]["attention_calls"]
+    # 2 blocks x 6 calls: self-attention sparse or refresh (or dense on dense steps), cross-attention dense
+    assert calls["sparse"] > 0 and calls["refresh"] > 0 and calls["passthrough"] == calls["sparse"] + calls["refresh"] \
+        + calls["dense"]
+    assert row["run_summary"]["ssar"]["corrections"] > 0
