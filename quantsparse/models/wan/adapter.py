@@ -1,13 +1,18 @@
 """Wan 2.1 / 2.2 as a model family (``models/base.py`` says what an adapter is).
 
 Detection and tensor names follow ComfyUI's ``model_detection`` and ``comfy/ldm/wan/model.py``
-(``dims.py``); which Linears are quantized is ``layers.py``. Attention, as ComfyUI's Wan calls it: every
-block makes three calls through ``optimized_attention`` with q, k, v flattened to ``[B, L, H * D]``
-(``skip_reshape`` False, ``heads`` given): self-attention over the video tokens only (``(t, h, w)``
-order, RoPE and the full-width QK RMSNorm already applied) and cross-attention to the 512 text tokens
-(and, for Wan 2.1 I2V, to the 257 CLIP tokens). Self-attention runs sparse with no text rows
-(``txt_len`` 0, geometry from ``transformer_options["grid_sizes"]``, which Wan writes into the very dict
-the call receives); cross-attention is dense by rule.
+(``dims.py``); which Linears are quantized is ``layers.py``; the torch model (``build_model``) is
+``model.py``, equal to ComfyUI's ``WanModel`` in names, shapes and outputs.
+
+Attention, as ComfyUI's Wan calls it: every block makes two calls (three for Wan 2.1 I2V) through
+``optimized_attention`` with q, k, v flattened to ``[B, L, H * D]`` (``skip_reshape`` False, ``heads``
+given): self-attention over the video tokens only (``(t, h, w)`` order, RoPE and the full-width QK
+RMSNorm already applied) and cross-attention to the 512 text tokens (and, for Wan 2.1 I2V, to the 257
+CLIP tokens). Self-attention runs sparse with no text rows (``txt_len`` 0, geometry from
+``transformer_options["grid_sizes"]``, which Wan writes into the very dict the call receives);
+cross-attention is dense by rule. Self- and cross-attention calls differ only in their key count, so a
+model call whose video has exactly as many tokens as the text or the CLIP image stays dense
+(``call_geometry``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 from typing import Any, Mapping, Optional
 
 import torch
+from torch import nn
 
 from ...core.config import QuantSparseConfig
 from ..base import AttentionCall, ModelAdapter, Shapes
@@ -86,10 +92,20 @@ class WanAdapter(ModelAdapter):
             out[key] = value.to(dtype).contiguous()
         return out
 
+    # -- the torch model (models/wan/model.py)
+
+    def build_model(self, dims: WanDims, dtype: torch.dtype = torch.bfloat16, device=None) -> nn.Module:
+        from .model import WanModel
+
+        return WanModel(dims, dtype=dtype, device=device)
+
     # -- the ComfyUI side
 
     def call_geometry(self, diffusion_model, args: tuple, kwargs: dict) -> Optional[dict]:
-        """``WanModel._forward(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kw)``."""
+        """``WanModel._forward(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kw)``.
+
+        ``attention_call`` tells self- from cross-attention by the key count, so a latent of exactly as many
+        tokens as the text (or the CLIP image) has keeps the whole model call dense."""
         x = args[0] if args else kwargs.get("x")
         if not isinstance(x, torch.Tensor) or x.dim() != 5:
             return {"dense": "unsupported layout"}
@@ -100,7 +116,13 @@ class WanAdapter(ModelAdapter):
         if isinstance(tdc, torch.Tensor):
             t += tdc.shape[2]
         grid = (math.ceil(t / PATCH[0]), math.ceil(x.shape[3] / PATCH[1]), math.ceil(x.shape[4] / PATCH[2]))
-        return {"grid": grid, "img_len": math.prod(grid)}
+        img_len = math.prod(grid)
+        context = args[2] if len(args) > 2 else kwargs.get("context")
+        clip_fea = args[3] if len(args) > 3 else kwargs.get("clip_fea")
+        cross_lens = {c.shape[-2] for c in (context, clip_fea) if isinstance(c, torch.Tensor) and c.dim() >= 2}
+        if img_len in cross_lens:
+            return {"dense": "as many video tokens as text or image tokens (self- and cross-attention alike)"}
+        return {"grid": grid, "img_len": img_len}
 
     def attention_call(self, args: tuple, kwargs: dict, options: dict, call: Optional[dict]) -> AttentionCall:
         if call is None or "dense" in call:
