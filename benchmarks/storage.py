@@ -1,4 +1,4 @@
-"""Checkpoint size of the full HunyuanVideo-13B configuration, measured on real files.
+"""Checkpoint sizes: HunyuanVideo-13B measured on real files; every released Wan computed from the plan.
 
 Sizes depend only on shapes, so random weights give the real figures; but they are measured,
 not computed: a 25.6 GB BF16 source of the real shapes is stream-written to disk, converted
@@ -10,6 +10,18 @@ peak RSS is recorded: the converter must fit a 24 GB machine, so it must stream.
     python benchmarks/storage.py --dims tiny --out /tmp/s.json   # a 10-second dry run
 
 Needs ~45 GB free under --workdir (source 25.6 GB + the outputs, each deleted after weighing).
+
+Wan 2.1 / 2.2 (every released variant: T2V 1.3B, T2V 14B = each Wan 2.2 T2V A14B expert, each Wan 2.2
+I2V A14B expert, I2V 14B, FLF2V 14B, TI2V-5B) is computed, not measured:
+
+    python benchmarks/storage.py --family wan          # writes benchmarks/results/storage_wan.json
+
+The count is exact. The converter and the checkpoint writer write exactly ``checkpoint_plan(dims,
+config)`` (``SafetensorsWriter`` refuses a missing, extra or misshapen tensor), laid out by
+``safetensors_io.layout`` with no padding between tensors, behind the header ``encode_header`` makes
+from that plan and the metadata. So the file size is ``len(header) + sum(plan bytes)`` before a byte is
+written; ``tests/test_wan_adapter.py`` checks this equality on converted tiny Wan files, and the record's
+``crosscheck`` finds the same computation equal to the HunyuanVideo-13B files weighed for storage.json.
 """
 
 from __future__ import annotations
@@ -30,13 +42,17 @@ from pathlib import Path
 
 import torch
 
-from comfyui_quantsparse.quantsparse.checkpoint.format import validate_checkpoint
+from comfyui_quantsparse.quantsparse.checkpoint.format import (
+    METADATA_KEY, CheckpointMeta, checkpoint_plan, quantized_layers, validate_checkpoint,
+)
 from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
 from comfyui_quantsparse.quantsparse.checkpoint.convert import convert_file
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.model import reference_state_shapes
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import iter_random_state, make_random_state_dict
-from comfyui_quantsparse.quantsparse.core.safetensors_io import TensorSpec, write_safetensors
+from comfyui_quantsparse.quantsparse.core.safetensors_io import TensorSpec, encode_header, layout, write_safetensors
+from comfyui_quantsparse.quantsparse.models.wan.adapter import WanAdapter
+from comfyui_quantsparse.quantsparse.models.wan.dims import WanDims
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_W4A8_BYTES = 6.6e9
@@ -106,6 +122,129 @@ def run_child(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------------------------------------- Wan
+
+BF16_OTHER = "bf16 (biases, norms, embedders, final layer)"  # the bucket name the HunyuanVideo record uses
+WAN_EXPERT_TARGET_BYTES = 8.2e9  # one Wan 2.2 A14B expert at W4A8
+WAN_PAIR_BUDGET_BYTES = 20e9  # both experts resident, ...
+WAN_ACTIVATION_ALLOWANCE_BYTES = 4e9  # ... beside the activations (tests/test_wan_adapter.py says why 4 GB)
+
+
+def _flf2v_14b() -> WanDims:
+    return WanDims(**{**WanDims.i2v_14b().to_dict(), "flf_tokens": 514})
+
+
+# (key, what users download, dims)
+WAN_VARIANTS = [
+    ("t2v_1_3b", "wan2.1_t2v_1.3B (bf16 / fp16)", WanDims.t2v_1_3b),
+    ("t2v_14b", "wan2.1_t2v_14B; wan2.2_t2v_high_noise_14B and wan2.2_t2v_low_noise_14B (each A14B expert)",
+     WanDims.t2v_14b),
+    ("i2v_a14b", "wan2.2_i2v_high_noise_14B and wan2.2_i2v_low_noise_14B (each A14B expert)", WanDims.i2v_a14b),
+    ("i2v_14b", "wan2.1_i2v_480p_14B and wan2.1_i2v_720p_14B", WanDims.i2v_14b),
+    ("flf2v_14b", "wan2.1_flf2v_720p_14B", _flf2v_14b),
+    ("ti2v_5b", "wan2.2_ti2v_5B", WanDims.ti2v_5b),
+]
+
+
+def plan_size(dims, bits: str) -> dict:
+    """Bytes of the checkpoint ``quantsparse convert`` writes for ``dims`` at ``bits``, from the plan alone."""
+    config = QuantSparseConfig(bits=bits)
+    plan = checkpoint_plan(dims, config)
+    layers = quantized_layers(dims, config)
+    owner = {f"{p}.{suffix}": spec.kind for p, spec in layers.items()
+             for suffix in ("weight", "weight_scale", "smooth")}
+    by_kind: dict[str, int] = defaultdict(int)
+    for spec in plan:
+        by_kind[owner.get(spec.name, BF16_OTHER)] += spec.nbytes
+    data = sum(spec.nbytes for spec in plan)
+    header = len(encode_header(layout(plan), {METADATA_KEY: CheckpointMeta(dims, config).to_json()}))
+    return {"bytes": header + data, "data_bytes": data, "header_bytes": header, "tensors": len(plan),
+            "bytes_by_kind": dict(by_kind),
+            "layers_by_kind": {k: sum(1 for v in layers.values() if v.kind == k)
+                               for k in sorted({v.kind for v in layers.values()})}}
+
+
+def wan_record(bits_list: list[str]) -> dict:
+    adapter = WanAdapter()
+    variants = {}
+    for key, files, make in WAN_VARIANTS:
+        dims = make()
+        shapes = adapter.reference_shapes(dims)
+        params = sum(math.prod(s) for s in shapes.values())
+        entry = {"variant": adapter.variant(dims), "files": files, "dims": dims.to_dict(), "params": params,
+                 "bf16_bytes": 2 * params}
+        for bits in bits_list:
+            size = plan_size(dims, bits)
+            size["ratio_vs_bf16"] = entry["bf16_bytes"] / size["bytes"]
+            entry[bits] = size
+            entry[f"{bits}_bytes"] = size["bytes"]
+        variants[key] = entry
+    record: dict = {"variants": variants}
+    if "w4a8" in bits_list:
+        expert = max(variants["t2v_14b"]["w4a8_bytes"], variants["i2v_a14b"]["w4a8_bytes"])
+        pair = {k: 2 * variants[k]["w4a8_bytes"] for k in ("t2v_14b", "i2v_a14b")}
+        record["a14b_w4a8"] = {
+            "expert_bytes": {k: variants[k]["w4a8_bytes"] for k in ("t2v_14b", "i2v_a14b")},
+            "expert_target_bytes": WAN_EXPERT_TARGET_BYTES,
+            "expert_meets_target": expert <= WAN_EXPERT_TARGET_BYTES,
+            "pair_bytes": pair,
+            "pair_budget_bytes": WAN_PAIR_BUDGET_BYTES,
+            "activation_allowance_bytes": WAN_ACTIVATION_ALLOWANCE_BYTES,
+            "pair_meets_budget": max(pair.values()) <= WAN_PAIR_BUDGET_BYTES - WAN_ACTIVATION_ALLOWANCE_BYTES,
+            "pair_bf16_bytes": {k: 2 * variants[k]["bf16_bytes"] for k in ("t2v_14b", "i2v_a14b")},
+        }
+    return record
+
+
+def _provenance() -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *[os.path.relpath(a, REPO) if a == __file__ else a
+                                                          for a in sys.argv]]),
+        "machine": {"cpus": os.cpu_count(), "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                    "platform": platform.platform()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "safetensors": __import__("safetensors").__version__},
+    }
+
+
+def hunyuan_crosscheck(bits_list: list[str]) -> dict:
+    """The same computation for HunyuanVideo-13B against the files measured for storage.json."""
+    measured = {}
+    path = REPO / "benchmarks" / "results" / "storage.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        measured = {b: saved.get(f"{b}_bytes") for b in bits_list}
+    computed = {b: plan_size(HunyuanVideoDims.full(), b)["bytes"] for b in bits_list}
+    return {"what": "HunyuanVideo-13B: this plan-based count against the converted files weighed in storage.json",
+            "computed_bytes": computed, "measured_bytes": measured,
+            "equal": bool(measured) and all(computed[b] == measured.get(b) for b in bits_list)}
+
+
+def main_wan(args) -> None:
+    record = {
+        "family": "wan",
+        **_provenance(),
+        "method": ("computed from checkpoint_plan(dims, QuantSparseConfig(bits)) and the header encode_header makes "
+                   "from it and the metadata convert writes (round-to-nearest, no calibration record). Exact: the "
+                   "checkpoint writer writes exactly the plan's tensors, back to back behind that header, so "
+                   "bytes = header_bytes + data_bytes is the size of the file `quantsparse convert` writes "
+                   "(tests/test_wan_adapter.py checks the equality on converted tiny Wan files). Sizes depend only "
+                   "on shapes, so no weights are needed. A calibrated checkpoint's header is longer by its "
+                   "calibration record."),
+        "bf16_bytes_means": "every tensor of ComfyUI's WanModel in BF16: the diffusion-model file users download "
+                            "in bf16 / fp16",
+        "bits": list(args.bits),
+    }
+    record.update(wan_record(list(args.bits)))
+    record["crosscheck"] = hunyuan_crosscheck(list(args.bits))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    for key, v in record["variants"].items():
+        sizes = ", ".join(f"{b} {v[b]['bytes'] / 1e9:.3f} GB ({v[b]['ratio_vs_bf16']:.2f}x)" for b in args.bits)
+        print(f"{v['variant']:<42} BF16 {v['bf16_bytes'] / 1e9:7.3f} GB  {sizes}")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, *rest = sys.argv[2:]
@@ -113,11 +252,20 @@ def main() -> None:
         print(json.dumps(out))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=["hunyuan_video", "wan"], default="hunyuan_video",
+                    help="hunyuan_video: measured on real files; wan: every released variant, from the plan")
     ap.add_argument("--dims", choices=["full", "tiny"], default="full")
     ap.add_argument("--workdir", default="/work/tmp_storage", help="scratch folder for the big files (deleted)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "storage.json"))
+    ap.add_argument("--out", default=None,
+                    help="default benchmarks/results/storage.json (HunyuanVideo) or storage_wan.json (Wan)")
     ap.add_argument("--bits", nargs="+", default=["w4a8", "w8a8"])
     args = ap.parse_args()
+    if args.out is None:
+        name = "storage_wan.json" if args.family == "wan" else "storage.json"
+        args.out = str(REPO / "benchmarks" / "results" / name)
+    if args.family == "wan":
+        main_wan(args)
+        return
 
     dims = getattr(HunyuanVideoDims, args.dims)()
     work = Path(args.workdir) / f"storage_{args.dims}_{os.getpid()}"
