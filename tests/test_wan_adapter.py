@@ -223,9 +223,6 @@ def test_converted_wan_validates(converted):
     assert dst.stat().st_size == header.file_size
 
 
-@pytest.mark.xfail(raises=AttributeError,
-                   reason="checkpoint/format.py validate_checkpoint formats its message with HunyuanVideo's "
-                          "dims.hidden_size / depth, an AttributeError for Wan (format.py is not this test's to fix)")
 def test_a_damaged_wan_checkpoint_is_refused_with_a_message(converted, tmp_path):
     from safetensors import safe_open
 

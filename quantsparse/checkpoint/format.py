@@ -381,11 +381,10 @@ def validate_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
             f"{n} expected {_dt(a)} found {_dt(b)}" for n, a, b in wrong_dtype[:_LIST_FIRST]))
     if problems:
         raise _error(p, "its tensors do not match its metadata (" + f"{info.config.bits}, "
-                        f"hidden_size {info.dims.hidden_size}, {info.dims.depth}+{info.dims.depth_single_blocks} "
-                        f"blocks): " + "; ".join(problems),
+                        f"{info.adapter.variant(info.dims)}): " + "; ".join(problems),
                      "The file is incomplete, edited or damaged; re-create it with `quantsparse convert`")
     if dims_problem is not None:
-        raise _error(p, f"its tensors do not describe a HunyuanVideo model ({dims_problem})",
+        raise _error(p, f"its tensors do not describe a {info.adapter.title} model ({dims_problem})",
                      "Re-create it with `quantsparse convert`")
 
     layers_expected = quantized_layers(info.dims, info.config)
