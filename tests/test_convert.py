@@ -203,13 +203,30 @@ def test_rejects_a_quantsparse_checkpoint(converted, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_rejects_an_otherwise_quantized_file(sd, tmp_path):
+def test_an_fp8_file_converts_as_its_exact_bf16_value(sd, tmp_path):
+    """fp8 weights (no scale) were refused before sources.py; every fp8 number is a BF16 number, so the file
+    converts exactly as its BF16 copy does (tests/test_convert_sources.py covers every form)."""
     fp8 = {k: (v.to(torch.float8_e4m3fn) if k.endswith("linear1.weight") else v) for k, v in sd.items()}
     path = tmp_path / "fp8.safetensors"
     save_file(fp8, path)
-    with pytest.raises(ConvertError, match=r"already quantized or stored in low precision: 4 tensors are "
-                                           r"float8_e4m3fn .*single_blocks.0.linear1.weight"):
+    bf16 = tmp_path / "bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in fp8.items()}, bf16)
+    result = convert_file(path, tmp_path / "a.safetensors")
+    convert_file(bf16, tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert result.source_form == "fp8_e4m3fn"
+    assert result.source_summary == "fp8_e4m3fn (4 fp8_e4m3fn: unscaled fp8, read exactly; 132 bf16)"
+
+
+def test_rejects_an_integer_tensor_nothing_declares(sd, tmp_path):
+    i16 = {k: (v.to(torch.int16) if k.endswith("linear1.weight") else v) for k, v in sd.items()}
+    path = tmp_path / "i16.safetensors"
+    save_file(i16, path)
+    with pytest.raises(ConvertError, match=r"single_blocks\.0\.linear1\.weight is stored "
+                                           r"as int16 and nothing in the file .* says how to read it as a weight; this "
+                                           r"converter reads bf16, fp16, fp32, fp8_e4m3fn, fp8_scaled"):
         convert_file(path, tmp_path / "out.safetensors")
+    assert list(tmp_path.iterdir()) == [path]
 
 
 def test_rejects_another_model(tmp_path):
@@ -242,6 +259,7 @@ def test_cli_convert_and_inspect(src, tmp_path, capsys):
     assert cli.main(["convert", str(src), str(dst), "--bits", "w8a8"]) == 0
     out, err = capsys.readouterr()
     assert "ratio:" in out and "source:" in out and "output:" in out
+    assert "source form: bf16 (136 tensors, read as stored)" in out and "source: bf16 (136 tensors" in err
     assert f"/{136}]" in err and "(100%)" in err  # progress on stderr, 136 source tensors
     info = validate_checkpoint(dst)
     assert info.config == QuantSparseConfig(bits="w8a8")

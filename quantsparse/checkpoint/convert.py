@@ -1,10 +1,17 @@
-"""A model file (BF16 / FP16 / FP32, any supported family) -> QuantSparse checkpoint, one tensor in memory at a time.
+"""A model file (any supported family, in the forms users download) -> QuantSparse checkpoint, one tensor at a time.
+
+Sources: BF16 / FP16 / FP32, fp8_e4m3fn, legacy fp8_scaled, and ComfyUI comfy_quant int8_tensorwise (ConvRot
+rotated or not) / float8, with or without the ``model.diffusion_model.`` prefix; ``sources.py`` tells the
+forms apart from the header and reads each tensor back at full precision (scaled forms dequantized exactly,
+as float32). 4-bit sources (NVFP4, W4A8, ConvRot W4A4, GGUF, ...) are refused: quantizing an already 4-bit
+model compounds the two errors; the message says to convert the BF16/FP16 file instead.
 
 The released model is 25.6 GB and many users have 24 GB of RAM, so the converter never holds
 the model: it plans the output from the source header alone (every output shape and dtype is
-known without data), writes the header, then loads one source tensor, quantizes or casts it,
-writes it at its offset and drops it. Peak memory is about one tensor in float64 during
-quantization (~0.5 GB for the largest, 21504 x 3072), less in row chunks. Tensors are read
+known without data), writes the header, then loads one source tensor (with its scale, if it has one),
+dequantizes it if it is stored quantized, quantizes or casts it, writes it at its offset and drops it.
+Peak memory is about one tensor: the stored tensor, its float32 value when it was dequantized, and float64
+temporaries of a few rows during (de)quantization. Tensors are read
 with ``pread`` (:class:`TensorFile`), not ``safetensors.safe_open``: that maps the whole file
 privately, which Linux refuses for a file larger than RAM + swap (the 25.6 GB model on a
 24 GB machine), and a map keeps every page it touched resident.
@@ -27,8 +34,9 @@ from ..core.config import QuantSparseConfig
 from ..core.errors import QuantSparseError, public
 from ..core.paths import PathError, clean_stale_partials, input_file, output_file
 from ..core.quantizer import QuantizedWeight, quantize_weight
-from ..core.safetensors_io import SafetensorsError, SafetensorsHeader, SafetensorsWriter, TensorFile, read_header
+from ..core.safetensors_io import SafetensorsError, SafetensorsHeader, SafetensorsWriter, read_header
 from ..models import registry
+from .sources import SourceFormError, SourceLayout, SourceReader, read_layout, refuse_other_formats
 from .format import (
     FLOAT_DTYPE,
     METADATA_KEY,
@@ -39,7 +47,6 @@ from .format import (
     quantized_layers,
 )
 
-SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CHUNK_ELEMENTS = 1 << 20  # rows per quantize_weight call: 8 MB of float64 temporaries
 _LIST_FIRST = 5
 
@@ -60,16 +67,32 @@ class Progress:
 
 @dataclass(frozen=True)
 class SourcePlan:
-    """What the source header says, checked: its key naming, dimensions and tensors."""
+    """What the source header says, checked: its key naming, dimensions, tensors and the form they are stored in."""
 
     path: str
     header: SafetensorsHeader
     prefix: str  # "" or the prefix ComfyUI strips (registry.PREFIXES)
     dims: Any  # the family's dims
     ignored: int  # tensors outside the diffusion model (VAE, text encoders of an all-in-one file)
+    layout: SourceLayout  # each model tensor's stored form (bf16, fp8_scaled, int8_tensorwise, ...)
 
     def source_key(self, name: str) -> str:
-        return self.prefix + name
+        """The stored tensor holding the data of the model tensor ``name``."""
+        return self.layout.tensors[name].key
+
+    @property
+    def names(self) -> list[str]:
+        """The model tensors (ComfyUI names, auxiliary scales and markers left out), in file order."""
+        return list(self.layout.tensors)
+
+    @property
+    def form(self) -> str:
+        """The source form: "bf16", "fp16", "fp8_e4m3fn", "fp8_scaled", "int8_tensorwise (ConvRot)", ..."""
+        return self.layout.form
+
+    def open(self) -> SourceReader:
+        """A reader of the model tensors at full precision, one at a time (``with plan.open() as r: r.get(name)``)."""
+        return SourceReader(self.layout)
 
 
 @dataclass(frozen=True)
@@ -82,6 +105,8 @@ class ConvertResult:
     seconds: float
     dims: Any
     config: QuantSparseConfig
+    source_form: str = ""  # the form the source was stored in: "bf16", "fp8_scaled", "int8_tensorwise", ...
+    source_summary: str = ""  # that form with its tensor counts and how each was read (the command prints it)
 
     @property
     def ratio(self) -> float:
@@ -95,29 +120,36 @@ def _names(names) -> str:
 
 
 def inspect_source(src: str | os.PathLike) -> SourcePlan:
-    """Check that ``src`` is a full-precision model of a supported family, from its header alone."""
+    """Check that ``src`` is a model of a supported family in a form the converter reads, from its header alone
+    (and the few bytes of its comfy_quant declarations).
+
+    Read: BF16 / FP16 / FP32, fp8_e4m3fn, legacy fp8_scaled, comfy_quant int8_tensorwise (ConvRot or not) and
+    float8 (``sources.py``); the adapter's reference shapes are checked on the model tensors as dequantized (the
+    scales, declarations and markers are not model tensors). Refused, saying which file to convert instead: a
+    QuantSparse checkpoint, 4-bit sources (NVFP4, W4A8, ConvRot W4A4, GGUF, ...), MXFP8, unknown formats and
+    files whose scales do not fit their weights.
+    """
     try:
         p = str(input_file(src, "the source model", suffixes=()))
+        refuse_other_formats(p)
         header = read_header(p)
-    except (SafetensorsError, PathError) as e:
+    except (SafetensorsError, PathError, SourceFormError) as e:
         raise ConvertError(str(e)) from None
+    except OSError as e:
+        raise ConvertError(f"{src}: cannot be read ({e.strerror or e}); check the file.") from None
     if METADATA_KEY in (header.metadata or {}):
-        raise ConvertError(f"{p} is already a QuantSparse checkpoint; convert the original BF16 model file instead "
-                           f"({registry.supported_text()}).")
-    keys = list(header.tensors)
-    prefix, shapes = registry.split_prefix(header.shapes)
-    model_keys = [prefix + k for k in shapes]
+        raise ConvertError(f"{p} is already a QuantSparse checkpoint; convert the original BF16 (or FP16) model file "
+                           f"instead ({registry.supported_text()}).")
+    try:
+        layout = read_layout(header)
+    except (SourceFormError, SafetensorsError) as e:
+        raise ConvertError(str(e)) from None
+    shapes = layout.shapes
     try:
         adapter = registry.detect(shapes)
         dims = adapter.dims_from_shapes(shapes)
     except ValueError as e:
         raise ConvertError(f"{p} is not a model that can be converted: {e}") from None
-    low = sorted(k for k in model_keys if header.tensors[k].dtype not in SOURCE_DTYPES)
-    if low:
-        dtypes = sorted({str(header.tensors[k].dtype).replace("torch.", "") for k in low})
-        raise ConvertError(
-            f"{p} is already quantized or stored in low precision: {len(low)} tensors are {', '.join(dtypes)} "
-            f"(e.g. {_names(low)}); convert the original BF16 (or FP16/FP32) file instead.")
     ref = adapter.reference_shapes(dims)
     problems = []
     if set(ref) - set(shapes):
@@ -131,7 +163,7 @@ def inspect_source(src: str | os.PathLike) -> SourcePlan:
     if problems:
         raise ConvertError(f"{p} does not match the {adapter.variant(dims)} model its shapes describe: "
                            + "; ".join(problems) + f". Use an unmodified {adapter.title} file in ComfyUI naming.")
-    return SourcePlan(p, header, prefix, dims, len(keys) - len(model_keys))
+    return SourcePlan(p, header, layout.prefix, dims, layout.ignored, layout)
 
 
 def convert_file(src: str | os.PathLike, dst: str | os.PathLike,
@@ -141,8 +173,11 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike,
                  smooth: Mapping[str, torch.Tensor] | None = None,
                  clip: Mapping[str, torch.Tensor] | None = None,
                  log: Callable[[str], None] | None = None) -> ConvertResult:
-    """Convert a BF16/FP16/FP32 model file (a supported family) into a QuantSparse checkpoint at ``dst``.
+    """Convert a model file (a supported family, in any form :func:`inspect_source` reads: BF16/FP16/FP32, fp8,
+    fp8_scaled, comfy_quant int8/float8) into a QuantSparse checkpoint at ``dst``.
 
+    A quantized source is dequantized one tensor at a time, exactly, so the result equals converting the
+    dequantized model; ``log`` is told the source form, and the result carries it (``source_form``).
     ``smooth`` and ``clip`` (by layer prefix) carry calibrated values; absent layers get
     round-to-nearest. ``dst`` appears complete or not at all; it is never the source, and with
     ``overwrite`` it replaces only a QuantSparse checkpoint. A partial file an interrupted conversion
@@ -161,26 +196,28 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike,
     meta = CheckpointMeta(source.dims, config, calibration)
     layers = quantized_layers(source.dims, config)
     plan = checkpoint_plan(source.dims, config)
-    # Read in file order: sequential reads, and the page cache does the rest.
-    order = [n for n in (k[len(source.prefix):] for k in source.header.tensors if k.startswith(source.prefix))]
-    total_bytes = sum(source.header.tensors[source.source_key(n)].nbytes for n in order)
+    if log is not None:
+        log(f"source: {source.layout.summary()}")
+    # Read in file order: sequential reads, and the page cache does the rest. A tensor's bytes include its scales.
+    order = source.names
+    total_bytes = sum(source.layout.tensors[n].nbytes for n in order)
     done_bytes = 0
     try:
-        with TensorFile(source.header) as reader, \
+        with source.open() as reader, \
                 SafetensorsWriter(dst_path, plan, {METADATA_KEY: meta.to_json()}, overwrite=overwrite) as writer:
             for i, name in enumerate(order):
-                key = source.source_key(name)
-                t = reader.get(key)
+                t = reader.get(name)
                 for out_name, out in _convert_tensor(name, t, layers, smooth, clip):
                     writer.write(out_name, out)
                 del t
-                done_bytes += source.header.tensors[key].nbytes
+                done_bytes += source.layout.tensors[name].nbytes
                 if progress is not None:
                     progress(Progress(i + 1, len(order), done_bytes, total_bytes, name))
-    except SafetensorsError as e:
+    except (SafetensorsError, SourceFormError) as e:
         raise ConvertError(str(e)) from None
     return ConvertResult(source.path, str(dst_path), os.path.getsize(source.path), os.path.getsize(dst_path),
-                         len(plan), time.perf_counter() - start, source.dims, config)
+                         len(plan), time.perf_counter() - start, source.dims, config, source.form,
+                         source.layout.summary())
 
 
 def _convert_tensor(name: str, t: torch.Tensor, layers: Mapping[str, LayerSpec],
