@@ -27,7 +27,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="quantize a model .safetensors file (round-to-nearest)",
-                          description="Stream a BF16/FP16/FP32 model file (ComfyUI naming, with or without "
+                          description="Stream a model file (bf16 / fp16 / fp32, fp8_e4m3fn, fp8_scaled or ComfyUI int8; "
+                                      "ComfyUI naming, with or without "
                                       "the model.diffusion_model. prefix) into a QuantSparse checkpoint. Uses about "
                                       "one tensor of memory; the output appears only when complete.")
     conv.add_argument("src", help="source .safetensors (e.g. hunyuan_video_t2v_720p_bf16.safetensors, "

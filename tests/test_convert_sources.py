@@ -443,3 +443,22 @@ def test_cli_prints_the_source_form(family, tmp_path, capsys):
             "back, dequantized exactly to float32; ") in out
     assert "source: int8_tensorwise (ConvRot)" in err  # said before the conversion starts
     validate_checkpoint(tmp_path / "out.safetensors")
+
+
+def test_calibration_loads_a_scaled_fp8_source_as_its_dequantized_model(tmp_path):
+    """`quantsparse calibrate` reads the model through the same reader: a scaled fp8 source gives the model
+    of its dequantized weights (not the raw fp8 bytes, not a load error on the scale tensors)."""
+    from comfyui_quantsparse.quantsparse.calib.job import load_full_model
+    from comfyui_quantsparse.quantsparse.checkpoint.convert import inspect_source
+
+    from comfyui_quantsparse.quantsparse.models import registry
+
+    adapter = registry.by_name("hunyuan_video")
+    sd = adapter.random_state_dict(adapter.tiny_dims(), seed=3)
+    write(tmp_path / "fp8_scaled.safetensors", fp8_scaled(sd)[0])
+    model = load_full_model(tmp_path / "fp8_scaled.safetensors", dtype=torch.float32)
+    with inspect_source(tmp_path / "fp8_scaled.safetensors").open() as reader:
+        for name, t in model.state_dict().items():
+            assert torch.equal(t, reader.get(name).float()), name
+    name = linears(sd)[0]
+    assert not torch.equal(model.state_dict()[name], sd[name].float())  # fp8 is lossy: really the fp8 weights

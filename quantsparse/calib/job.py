@@ -147,22 +147,19 @@ def worse_than_rtn_lines(record: dict) -> list[str]:
 
 
 def load_full_model(src: str | os.PathLike, dtype: torch.dtype = torch.bfloat16):
-    """A BF16/FP16/FP32 model file (ComfyUI naming, prefixed or not) as its family's torch model, in ``dtype``.
+    """A model file in any form the converter reads (bf16/fp16/fp32, fp8, scaled fp8, int8; ComfyUI naming,
+    prefixed or not) as its family's torch model, in ``dtype``.
 
     The file is checked from its header first (``convert.inspect_source``: a QuantSparse or FP8 file, or
     another model, is refused with a message saying which file to use instead), and so is whether its
     family can be calibrated yet."""
     from ..checkpoint.convert import inspect_source
-    from ..core.safetensors_io import TensorFile
 
     source = inspect_source(src)
     adapter = check_calibration_supported(source.dims)
     model = adapter.build_model(source.dims, dtype=dtype, device="meta")
-    state = {}
-    with TensorFile(source.header) as reader:
-        for key in source.header.tensors:
-            if key.startswith(source.prefix):
-                state[key[len(source.prefix):]] = reader.get(key).to(dtype)
+    with source.open() as reader:  # every source form the converter reads (fp8, scaled fp8, int8), dequantized
+        state = {name: reader.get(name).to(dtype) for name in source.names}
     model.load_state_dict(state, assign=True)
     return model
 
