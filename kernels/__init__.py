@@ -24,6 +24,7 @@ from .qk_norm_rope import qk_norm_rope_reference, qk_norm_rope_triton
 from .sparse_attention import block_sparse_attention_reference, block_sparse_attention_triton, merge_attention
 from .sparse_attention_fp8 import block_sparse_attention_fp8_reference, block_sparse_attention_fp8_triton
 from .svg_probe import svg_probe_reference, svg_probe_triton
+from .wan_qk_norm_rope import wan_qk_norm_rope_reference, wan_qk_norm_rope_triton
 from .w4a8 import w4a8_gemm_reference, w4a8_gemm_triton
 from .w4a16 import w4a16_gemm_reference, w4a16_gemm_triton
 from .w8a8 import w8a8_gemm_reference, w8a8_gemm_triton
@@ -40,6 +41,7 @@ __all__ = [
     "block_sparse_attention", "block_sparse_attention_reference", "block_sparse_attention_triton", "merge_attention",
     "block_sparse_attention_fp8_reference", "block_sparse_attention_fp8_triton", "ATTENTION_PRECISIONS",
     "svg_probe", "svg_probe_reference", "svg_probe_triton",
+    "wan_qk_norm_rope", "wan_qk_norm_rope_reference", "wan_qk_norm_rope_triton",
 ]
 
 
@@ -82,6 +84,14 @@ def act_quant_gelu_cat(a, b, smooth=None, qmax=127, rotate=True):
 
 def qk_norm_rope(x, weight, eps, freqs, out=None):
     return (qk_norm_rope_triton if use_triton(x) else qk_norm_rope_reference)(x, weight, eps, freqs, out)
+
+
+def wan_qk_norm_rope(x, weight, eps, freqs, heads, out=None):
+    """Wan's full-width QK RMSNorm + RoPE (``kernels.wan_qk_norm_rope``); the reference for head sizes that
+    are not a power of two (every Wan has 128)."""
+    d = x.shape[-1] // heads if heads else 0
+    fast = use_triton(x) and d > 0 and not d & (d - 1)
+    return (wan_qk_norm_rope_triton if fast else wan_qk_norm_rope_reference)(x, weight, eps, freqs, heads, out)
 
 
 def w8a8_gemm(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16):

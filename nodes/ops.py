@@ -9,18 +9,28 @@ layer) is the stock ``manual_cast.Linear``.
 The quantized tensors are plain ``Parameter`` objects (no grad), so ``module.state_dict()``
 reports their real, quantized sizes: that is what ComfyUI's memory accounting
 (``module_size``) and its low-VRAM partial loader measure, and what it pins and moves.
+
+Every quantized layer runs ``kernels``' fast path where one exists (the Triton kernels on a GPU: for
+the weight-only W4A16 layers the INT4 GEMM that reads the packed weight, never a dequantized copy);
+where it does not (no GPU, no Triton, ``QUANTSPARSE_KERNELS=reference``) the eager references
+dequantize the weight at every call, and the log says so once per kind and device (``note_route``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Mapping
 
 import comfy.model_management
 import comfy.ops
 import torch
 
+from .. import kernels
 from ..quantsparse.core.qlinear import activation_qmax, nontrivial_smooth, quantized_gemm, quantized_linear
 from ..quantsparse.core.quantizer import is_packed, kind_bits
+
+log = logging.getLogger("quantsparse")
 
 LORA_UNSUPPORTED = (
     "LoRA is not supported on QuantSparse quantized layers yet: apply the LoRA to the BF16 model "
@@ -60,6 +70,48 @@ def expected_quant_shapes(spec: Mapping[str, Any], in_features: int, out_feature
     if has_bias:
         out["bias"] = ((out_features,), None)
     return out
+
+
+def kernel_route(kind: str, device) -> tuple[bool, str]:
+    """(fast, what runs) for a quantized layer of ``kind`` on ``device``, by ``kernels``' dispatch rule.
+
+    Fast: the Triton kernels (INT8 activation quantization and an integer GEMM for W4A8 / W8A8, the
+    weight-only INT4 GEMM for W4A16, which reads the packed weight as it is). Otherwise the eager PyTorch
+    references run, which unpack and dequantize the weight (to float64) at every call.
+    """
+    device = torch.device(device)
+    mode = os.environ.get("QUANTSPARSE_KERNELS", "auto")
+    key = (kind, str(device), mode)
+    hit = _ROUTES.get(key)
+    if hit is not None:
+        return hit
+    abits = kind_bits(kind)[1]
+    if kernels.use_triton(torch.empty(0, device=device)):
+        what = ("the Triton weight-only INT4 GEMM" if abits == 16
+                else "Triton INT8 activation quantization + integer GEMM")
+        route = (True, what + (" (interpreted on the CPU)" if device.type == "cpu" else ""))
+    else:
+        why = ("QUANTSPARSE_KERNELS=reference" if mode == "reference" else
+               "Triton is not installed" if not kernels.HAS_TRITON else f"no Triton kernels on {device.type}")
+        route = (False, f"the eager PyTorch references ({why}): the weight is unpacked and dequantized at every call")
+    _ROUTES[key] = route
+    return route
+
+
+_ROUTES: dict = {}
+_ROUTES_LOGGED: set = set()
+
+
+def note_route(kind: str, device) -> None:
+    """Logs, once per kind and device, a quantized layer that runs without the fast kernels (a warning on a
+    GPU, where one exists; a note on the CPU, where none does)."""
+    fast, what = kernel_route(kind, device)
+    key = (kind, str(device), what)
+    if fast or key in _ROUTES_LOGGED:
+        return
+    _ROUTES_LOGGED.add(key)
+    level = logging.INFO if torch.device(device).type == "cpu" else logging.WARNING
+    log.log(level, "QuantSparse: %s layers on %s run %s", kind, device, what)
 
 
 class QuantSparseLinear(comfy.ops.manual_cast.Linear):
@@ -178,6 +230,7 @@ class QuantSparseLinear(comfy.ops.manual_cast.Linear):
                 _to_device(self.smooth, device), bias)
 
     def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        note_route(self.quant_kind, x.device)
         weight, scale, smooth, bias = self._tensors(x.device)
         return quantized_linear(x, weight, scale, smooth, bias, kind=self.quant_kind,
                                 group_size=self.quant_group_size, rotate=self.quant_rotate)
@@ -197,6 +250,7 @@ class QuantSparseLinear(comfy.ops.manual_cast.Linear):
     def forward_prequantized(self, x_q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """[M, N] from INT8 activations made by one of ``kernels``' fused activation kernels."""
         comfy.ops.run_every_op()
+        note_route(self.quant_kind, x_q.device)
         weight, scale, _, bias = self._tensors(x_q.device)
         return quantized_gemm(x_q, x_scale, weight, scale, bias, kind=self.quant_kind,
                               group_size=self.quant_group_size, out_dtype=out_dtype)
