@@ -175,7 +175,7 @@ def _norm_rope(norm, x, freqs, heads):
     output of this block), or ComfyUI's own calls for a table or norm the kernel does not take."""
     b, n, c = x.shape
     d = c // heads
-    if _unpatched(norm) and norm.weight is not None and _rope_table_ok(freqs, b, n, d):
+    if _unpatched(norm) and not _hooked(norm) and norm.weight is not None and _rope_table_ok(freqs, b, n, d):
         w = norm.weight.to(device=x.device, dtype=x.dtype)
         return kernels.wan_qk_norm_rope(x, w, _norm_eps(norm), freqs, heads, out=x)
     return wan.apply_rope1(norm(x).view(b, n, heads, d), freqs).view(b, n, c)
@@ -305,7 +305,7 @@ class FusedWanBlock:
         del attn
 
         # cross-attention (no gate)
-        if self.cross_fused and _unpatched(blk.norm3):
+        if self.cross_fused and _unpatched(blk.norm3) and not _hooked(blk.norm3):
             w3 = comfy.model_management.cast_to(blk.norm3.weight, dtype=x.dtype, device=x.device).float()
             b3 = comfy.model_management.cast_to(blk.norm3.bias, dtype=x.dtype, device=x.device).float()
             x_q, x_s = _ln_quant(ca.q, x.view(b * n, c), b3.view(1, c), (w3 - 1.0).view(1, c), b * n, blk.norm3.eps)
