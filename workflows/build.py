@@ -5,7 +5,8 @@ compact description, so that links, slots and widget values stay consistent.
 
 Each node's widgets are given by name -> value, in the order of the node's widgets in the frontend (the schema's
 input order; an INT named seed / noise_seed, or any input flagged control_after_generate, is followed by the
-"control after generate" widget, written here as ``CONTROL``). The UI format stores only the values
+"control after generate" widget, written here as ``CONTROL``; a media file COMBO such as LoadImage's image is
+followed by the frontend's upload button, saved as "image"). The UI format stores only the values
 (``widgets_values``); the tests map them back to names through the server's /object_info and through the real
 frontend in a browser and compare with the names given here (tests/comfyui/test_comfyui_workflows.py,
 tests/comfyui/test_comfyui_browser.py).
@@ -13,8 +14,13 @@ tests/comfyui/test_comfyui_browser.py).
 ComfyUI lists a custom node's workflows/*.json in its template browser under the file stem, which the frontend
 (1.47.10) shows as both the title and the description, and takes the thumbnail from ``<stem>.jpg`` beside it:
 so each file is named by its title, and starts with a MarkdownNote (title, what it does, the model files and
-their download links). The stock loaders carry ``properties.models`` (name, url, directory), which ComfyUI's
-missing-models panel offers to download.
+their download links). The stock loaders carry ``properties.models`` (name, url, directory), copied from the
+ComfyUI template each workflow follows (``TEMPLATE_OF``), which ComfyUI's missing-models panel offers to download.
+
+The workflows: HunyuanVideo text to video, dense vs QuantSparse, calibration; Wan 2.2 A14B text and image to
+video (two experts, each a QuantSparse checkpoint under its own QuantSparse Attention node, two KSamplerAdvanced
+as ComfyUI's template splits the steps, the 4-step LoRA option in the note); Wan 2.1 1.3B text to video (the
+QuantSparse Sampler). The sparse knobs everywhere are SparseConfig's defaults (``SPARSE_KNOBS``).
 """
 
 from __future__ import annotations
@@ -26,24 +32,72 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONTROL = "control_after_generate"  # the frontend's extra widget after a seed (not sent to the server)
 
-# Download links of the stock HunyuanVideo files, exactly as ComfyUI's own template uses them
-# (comfyui_workflow_templates_json: templates/hunyuan_video_text_to_video.json, properties.models of its
-# UNETLoader, DualCLIPLoader and VAELoader; a real-ComfyUI test compares them with that file).
-STOCK_TEMPLATE = "hunyuan_video_text_to_video.json"
-MODEL_LINKS = {
-    "hunyuan_video_t2v_720p_bf16.safetensors": (
-        "diffusion_models", "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/"
-                            "diffusion_models/hunyuan_video_t2v_720p_bf16.safetensors?download=true"),
-    "clip_l.safetensors": (
-        "text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"
-                         "?download=true"),
-    "llava_llama3_fp8_scaled.safetensors": (
-        "text_encoders", "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/"
-                         "text_encoders/llava_llama3_fp8_scaled.safetensors?download=true"),
-    "hunyuan_video_vae_bf16.safetensors": (
-        "vae", "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/vae/"
-               "hunyuan_video_vae_bf16.safetensors?download=true"),
+# Download links, exactly as ComfyUI's own templates give them (comfyui_workflow_templates_json: the
+# ``properties.models`` of each template's loaders, subgraphs included): per template, because the same file
+# can carry another URL in another template (wan_2.1_vae.safetensors is under Wan_2.1_ComfyUI_repackaged with
+# ``?download=true`` in the Wan 2.1 one, under Wan_2.2_ComfyUI_Repackaged in the Wan 2.2 ones). A workflow's
+# stock loaders carry the entries of its own template; a real-ComfyUI test compares them with the template
+# this ComfyUI serves.
+STOCK_TEMPLATE = "hunyuan_video_text_to_video.json"  # HunyuanVideo: UNETLoader, DualCLIPLoader, VAELoader
+WAN22_T2V_TEMPLATE = "video_wan2_2_14B_t2v.json"  # Wan 2.2 A14B T2V: two experts, two 4-step LoRAs
+WAN22_I2V_TEMPLATE = "video_wan2_2_14B_i2v.json"  # Wan 2.2 A14B I2V
+WAN21_T2V_TEMPLATE = "text_to_video_wan.json"  # Wan 2.1 T2V 1.3B
+_HF_WAN21 = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
+_HF_WAN22 = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/"
+UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN_VAE = "wan_2.1_vae.safetensors"
+WAN22_LINKS = {
+    UMT5: ("text_encoders", _HF_WAN21 + f"text_encoders/{UMT5}"),
+    WAN_VAE: ("vae", _HF_WAN22 + f"vae/{WAN_VAE}"),
 }
+TEMPLATE_LINKS: dict[str, dict[str, tuple[str, str]]] = {
+    STOCK_TEMPLATE: {
+        "hunyuan_video_t2v_720p_bf16.safetensors": (
+            "diffusion_models", "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/"
+                                "diffusion_models/hunyuan_video_t2v_720p_bf16.safetensors?download=true"),
+        "clip_l.safetensors": (
+            "text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"
+                             "?download=true"),
+        "llava_llama3_fp8_scaled.safetensors": (
+            "text_encoders", "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/"
+                             "text_encoders/llava_llama3_fp8_scaled.safetensors?download=true"),
+        "hunyuan_video_vae_bf16.safetensors": (
+            "vae", "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/vae/"
+                   "hunyuan_video_vae_bf16.safetensors?download=true"),
+    },
+    WAN22_T2V_TEMPLATE: {
+        **WAN22_LINKS,
+        "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors": (
+            "loras", _HF_WAN22 + "loras/wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors"),
+        "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors": (
+            "loras", _HF_WAN22 + "loras/wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"),
+    },
+    WAN22_I2V_TEMPLATE: {
+        **WAN22_LINKS,
+        "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors": (
+            "loras", _HF_WAN22 + "loras/wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors"),
+        "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors": (
+            "loras", _HF_WAN22 + "loras/wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors"),
+    },
+    WAN21_T2V_TEMPLATE: {
+        UMT5: ("text_encoders", _HF_WAN21 + f"text_encoders/{UMT5}?download=true"),
+        WAN_VAE: ("vae", _HF_WAN21 + f"vae/{WAN_VAE}?download=true"),
+        "wan2.1_t2v_1.3B_fp16.safetensors": (
+            "diffusion_models", _HF_WAN21 + "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors?download=true"),
+    },
+}
+# The Wan 2.2 templates load the experts as fp8_scaled files; the notes send users to the FP16 experts instead
+# (`quantsparse convert` reads fp8_scaled too, but 4-bit from an 8-bit model adds the two errors), which are in
+# the same folder of the same Comfy-Org repository.
+# The I2V links are the ones docs.comfy.org's Wan 2.2 tutorial gives (Comfy-Org/docs,
+# tutorials/video/wan/wan2_2.mdx, "Manually Download Models"); the T2V files sit beside them under the same
+# naming (wan2.2_{t2v,i2v}_{high,low}_noise_14B_{fp8_scaled,fp16}).
+SOURCE_LINKS: dict[str, tuple[str, str]] = {
+    f"wan2.2_{task}_{noise}_noise_14B_fp16.safetensors": (
+        "diffusion_models", _HF_WAN22 + f"diffusion_models/wan2.2_{task}_{noise}_noise_14B_fp16.safetensors")
+    for task in ("t2v", "i2v") for noise in ("high", "low")
+}
+MODEL_LINKS = TEMPLATE_LINKS[STOCK_TEMPLATE]  # HunyuanVideo's
 BF16 = "hunyuan_video_t2v_720p_bf16.safetensors"
 W4A8 = "hunyuan_video_t2v_720p_w4a8.safetensors"
 CLIP_L, LLAVA, VAE = "clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors", "hunyuan_video_vae_bf16.safetensors"
@@ -69,16 +123,23 @@ class Node:
     links_in: dict[str, int] = field(default_factory=dict)
     links_out: dict[int, list[int]] = field(default_factory=dict)
 
-    def models(self) -> list[dict]:
-        """``properties.models`` of a loader: the files it names that have a known download link."""
-        return [{"name": v, "url": MODEL_LINKS[v][1], "directory": MODEL_LINKS[v][0]}
-                for v in self.widgets.values() if isinstance(v, str) and v in MODEL_LINKS]
+    def models(self, links: dict[str, tuple[str, str]]) -> list[dict]:
+        """``properties.models`` of a stock loader: the files it names that have a download link in ``links``."""
+        if self.type not in STOCK_LOADERS:
+            return []
+        return [{"name": v, "url": links[v][1], "directory": links[v][0]}
+                for v in self.widgets.values() if isinstance(v, str) and v in links]
+
+
+STOCK_LOADERS = ("UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader")
 
 
 class Workflow:
-    def __init__(self):
+    def __init__(self, template: str = STOCK_TEMPLATE):
         self.nodes: list[Node] = []
         self.links: list[list] = []
+        self.template = template  # the ComfyUI template whose download links the stock loaders carry
+        self.model_links = TEMPLATE_LINKS[template]
 
     def node(self, type_, pos, widgets: dict | None = None, inputs=(), outputs=(), title=None, size=(320, 120)) -> Node:
         n = Node(len(self.nodes) + 1, type_, pos, dict(widgets or {}), list(inputs), list(outputs), title, size)
@@ -99,8 +160,8 @@ class Workflow:
         nodes = []
         for order, n in enumerate(self.nodes):
             properties = {} if n.type in NOTES else {"Node name for S&R": n.type}
-            if n.models():
-                properties["models"] = n.models()
+            if n.models(self.model_links):
+                properties["models"] = n.models(self.model_links)
             d = {
                 "id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {}, "order": order,
                 "mode": 0,
@@ -122,24 +183,38 @@ NOTES = ("MarkdownNote", "Note")  # frontend-only nodes; their one widget is "te
 
 # ------------------------------------------------------------------------------------------------ the note
 
-def note(w: Workflow, pos, title: str, description: str, files: list[str], make_checkpoint: bool,
-         size=(460, 560)) -> Node:
+def note(w: Workflow, pos, title: str, description: str, files: list[str], make_checkpoint: bool = False,
+         size=(460, 560), checkpoints: list[tuple[str, str]] | None = None, calibrate: bool = True,
+         sections: list[str] = ()) -> Node:
     """A MarkdownNote as ComfyUI's own templates have: title, one line on what the workflow does, the model
-    files with their download links and where they go; ``make_checkpoint`` adds how to make the QuantSparse
-    checkpoint (there is no download: users convert or calibrate their own)."""
+    files with their download links (from the workflow's template, else ``SOURCE_LINKS``) and where they go.
+
+    ``checkpoints`` lists the QuantSparse checkpoints the workflow loads as (checkpoint, full-precision source):
+    there is no download, so the note says how to convert each (``make_checkpoint``: HunyuanVideo's one), and,
+    with ``calibrate``, that the Calibrate template makes a better one. ``sections`` (markdown) go after the
+    links, before the storage tree."""
+    links = {**SOURCE_LINKS, **w.model_links}
+    if make_checkpoint:
+        checkpoints = [(W4A8, BF16)]
+    checkpoints = checkpoints or []
     by_dir: dict[str, list[str]] = {}
     for f in files:
-        by_dir.setdefault(MODEL_LINKS[f][0], []).append(f)
+        by_dir.setdefault(links[f][0], []).append(f)
     lines = [f"# {title}", "", description, "", "## Model links", ""]
     for directory, names in by_dir.items():
-        lines += [f"**{directory}**", ""] + [f"- [{n}]({MODEL_LINKS[n][1]})" for n in names] + [""]
+        lines += [f"**{directory}**", ""] + [f"- [{n}]({links[n][1]})" for n in names] + [""]
     tree = [(d, names) for d, names in by_dir.items()]
-    if make_checkpoint:
-        lines += ["**quantsparse** (no download: you make it)", "",
-                  f"- {W4A8}: convert the BF16 model ([{BF16}]({MODEL_LINKS[BF16][1]})) with",
-                  "", f"  `quantsparse convert {BF16} ComfyUI/models/quantsparse/{W4A8} --bits w4a8`", "",
-                  f"  or calibrate one with MSAD in the \"{CALIBRATION}\" template (better quality).", ""]
-        tree.append(("quantsparse", [W4A8]))
+    if checkpoints:
+        lines += [f"**quantsparse** (no download: you make {'it' if len(checkpoints) == 1 else 'them'})", ""]
+        for ckpt, source in checkpoints:
+            precision = "FP16" if "fp16" in source else "BF16"
+            lines += [f"- {ckpt}: convert the {precision} model ([{source}]({links[source][1]})) with",
+                      "", f"  `quantsparse convert {source} ComfyUI/models/quantsparse/{ckpt} --bits w4a8`", ""]
+            if calibrate:
+                lines += [f"  or calibrate one with MSAD in the \"{CALIBRATION}\" template (better quality).", ""]
+        tree.append(("quantsparse", [c for c, _ in checkpoints]))
+    for section in sections:
+        lines += section.strip("\n").splitlines() + [""]
     lines += ["Model storage location", "", "```", "ComfyUI/", "└── models/"]
     for i, (directory, names) in enumerate(tree):
         last_dir = i == len(tree) - 1
@@ -339,9 +414,269 @@ def calibration(unet: str = BF16) -> Workflow:
     return w
 
 
+# ------------------------------------------------------------------------------------------------ Wan
+
+WAN22_T2V = "Wan 2.2 A14B text to video with QuantSparse"
+WAN22_I2V = "Wan 2.2 A14B image to video with QuantSparse"
+WAN21_T2V = "Wan 2.1 1.3B text to video with QuantSparse"
+# Wan's standard negative prompt, as ComfyUI's Wan templates carry it.
+WAN_NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+                "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+                "三条腿，背景人很多，倒着走")
+WAN_I2V_PROMPT = "the fox turns its head toward the camera as snow falls, slow camera push-in, cinematic"
+# The A14B templates' split without their 4-step LoRA: 20 steps, the high-noise expert for steps 0-10 and the
+# low-noise one from 10 to the end, CFG 3.5, euler / simple, shift 5, 640x640, 81 frames at 16 fps.
+WAN22_STEPS, WAN22_SPLIT, WAN22_CFG, WAN22_SHIFT = 20, 10, 3.5, 5.0
+WAN22_SIZE = {"width": 640, "height": 640, "length": 81, "batch_size": 1}
+# With the lightx2v LoRAs the templates switch to 4 steps, split at 2, CFG 1, LoRA strength 1.0.
+LORA_STEPS, LORA_SPLIT, LORA_CFG, LORA_STRENGTH = 4, 2, 1.0, 1.0
+LORAS = {  # (high-noise LoRA, low-noise LoRA) of each A14B template
+    WAN22_T2V_TEMPLATE: ("wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors",
+                         "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors"),
+    WAN22_I2V_TEMPLATE: ("wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors",
+                         "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors"),
+}
+BYPASS_LORA_NODE = "LoraLoaderBypassModelOnly"  # ComfyUI's "Load LoRA (Bypass, Model Only) (for debugging)"
+BYPASS_LORA_TITLE = "Load LoRA (Bypass, Model Only) (for debugging)"
+# The QuantSparse checkpoint of each expert and the FP16 file it is converted from.
+WAN22_CHECKPOINTS = {task: [(f"wan2.2_{task}_{noise}_noise_14B_w4a8.safetensors",
+                             f"wan2.2_{task}_{noise}_noise_14B_fp16.safetensors") for noise in ("high", "low")]
+                     for task in ("t2v", "i2v")}
+WAN21_CHECKPOINT = ("wan2.1_t2v_1.3B_w4a8.safetensors", "wan2.1_t2v_1.3B_fp16.safetensors")
+# Every QuantSparse checkpoint the workflows load -> the full-precision file `quantsparse convert` makes it from.
+CHECKPOINTS = {W4A8: BF16, WAN21_CHECKPOINT[0]: WAN21_CHECKPOINT[1],
+               **{c: src for pair in WAN22_CHECKPOINTS.values() for c, src in pair}}
+
+
+def wan_text(w: Workflow, clip: Node, x: int, y: int, prompt: str) -> tuple[Node, Node]:
+    """umT5 prompt and Wan's negative prompt (CLIPTextEncode each), as the Wan templates have them."""
+    pos = w.node("CLIPTextEncode", (x, y), {"text": prompt}, inputs=[("clip", "CLIP")],
+                 outputs=[("CONDITIONING", "CONDITIONING")], title="CLIP Text Encode (Positive Prompt)",
+                 size=(400, 150))
+    neg = w.node("CLIPTextEncode", (x, y + 200), {"text": WAN_NEGATIVE}, inputs=[("clip", "CLIP")],
+                 outputs=[("CONDITIONING", "CONDITIONING")], title="CLIP Text Encode (Negative Prompt)",
+                 size=(400, 150))
+    w.link(clip, 0, pos, "clip")
+    w.link(clip, 0, neg, "clip")
+    return pos, neg
+
+
+def wan_loaders(w: Workflow, y: int) -> tuple[Node, Node]:
+    clip = w.node("CLIPLoader", (0, y), {"clip_name": UMT5, "type": "wan", "device": "default"},
+                  outputs=[("CLIP", "CLIP")], size=(320, 110))
+    vae = w.node("VAELoader", (0, y + 180), {"vae_name": WAN_VAE}, outputs=[("VAE", "VAE")], size=(320, 60))
+    return clip, vae
+
+
+def video_tail(w: Workflow, samples: Node, vae: Node, x: int, prefix: str) -> None:
+    """VAE decode -> 16 fps video, as the Wan templates save it."""
+    decode = w.node("VAEDecode", (x, 0), inputs=[("samples", "LATENT"), ("vae", "VAE")],
+                    outputs=[("IMAGE", "IMAGE")], size=(220, 50))
+    video = w.node("CreateVideo", (x + 260, 0), {"fps": 16.0, "bit_depth": 8}, inputs=[("images", "IMAGE")],
+                   outputs=[("VIDEO", "VIDEO")], size=(320, 85))
+    save = w.node("SaveVideo", (x + 620, 0), {"filename_prefix": prefix, "format": "auto", "codec": "auto"},
+                  inputs=[("video", "VIDEO")], size=(320, 110))
+    w.link(samples, 0, decode, "samples")
+    w.link(vae, 0, decode, "vae")
+    w.link(decode, 0, video, "images")
+    w.link(video, 0, save, "video")
+
+
+def two_experts(w: Workflow, checkpoints: list[tuple[str, str]]) -> tuple[Node, Node]:
+    """Load QuantSparse Model -> QuantSparse Attention -> shift 5, once per expert; (high, low) model nodes."""
+    out = []
+    for row, ((ckpt, _), noise) in enumerate(zip(checkpoints, ("high", "low"))):
+        y = row * 420
+        load = w.node("QuantSparseLoader", (0, y), {"ckpt_name": ckpt}, outputs=[("MODEL", "MODEL")],
+                      title=f"Load QuantSparse Model ({noise} noise)", size=(360, 60))
+        attn = w.node("QuantSparseAttention", (400, y), dict(SPARSE_KNOBS), inputs=[("model", "MODEL")],
+                      outputs=[("MODEL", "MODEL")], title=f"QuantSparse Attention ({noise} noise)", size=(320, 300))
+        shift = w.node("ModelSamplingSD3", (760, y), {"shift": WAN22_SHIFT}, inputs=[("model", "MODEL")],
+                       outputs=[("MODEL", "MODEL")], size=(320, 60))
+        w.link(load, 0, attn, "model")
+        w.link(attn, 0, shift, "model")
+        out.append(shift)
+    return out[0], out[1]
+
+
+def split_samplers(w: Workflow, high: Node, low: Node, positive: tuple[Node, int], negative: tuple[Node, int],
+                   latent: tuple[Node, int]) -> Node:
+    """The templates' two KSamplerAdvanced: high noise adds the noise and samples steps 0 to the split, returning
+    the leftover noise; low noise samples from the split to the end. Returns the low-noise sampler."""
+    common = {"steps": WAN22_STEPS, "cfg": WAN22_CFG, "sampler_name": "euler", "scheduler": "simple"}
+    ports = [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+             ("latent_image", "LATENT")]
+    first = w.node("KSamplerAdvanced", (1120, 0), {
+        "add_noise": "enable", "noise_seed": SAMPLING["seed"], CONTROL: "fixed", **common,
+        "start_at_step": 0, "end_at_step": WAN22_SPLIT, "return_with_leftover_noise": "enable"},
+        inputs=ports, outputs=[("LATENT", "LATENT")], title=f"High noise: steps 0-{WAN22_SPLIT}", size=(320, 334))
+    second = w.node("KSamplerAdvanced", (1480, 0), {
+        "add_noise": "disable", "noise_seed": 0, CONTROL: "fixed", **common,
+        "start_at_step": WAN22_SPLIT, "end_at_step": 10000, "return_with_leftover_noise": "disable"},
+        inputs=ports, outputs=[("LATENT", "LATENT")], title=f"Low noise: steps {WAN22_SPLIT}-end", size=(320, 334))
+    for sampler, model in ((first, high), (second, low)):
+        w.link(model, 0, sampler, "model")
+        w.link(positive[0], positive[1], sampler, "positive")
+        w.link(negative[0], negative[1], sampler, "negative")
+    w.link(latent[0], latent[1], first, "latent_image")
+    w.link(first, 0, second, "latent_image")
+    return second
+
+
+def _link(w: Workflow, name: str) -> str:
+    return f"[{name}]({w.model_links[name][1]})"
+
+
+def wan22_sections(w: Workflow) -> list[str]:
+    """What the A14B notes add: the two runs' sparse attention, and the 4-step LoRA with a QuantSparse model."""
+    high_lora, low_lora = LORAS[w.template]
+    warm = int(SPARSE_KNOBS["dense_warmup"] * WAN22_SPLIT + 0.5)
+    fp8 = " and ".join(f"{c.replace('_w4a8', '_fp8_scaled')}" for c, _ in WAN22_CHECKPOINTS[
+        "t2v" if w.template == WAN22_T2V_TEMPLATE else "i2v"])
+    fp8_note = f"""
+Have ComfyUI's template's {fp8} already? `quantsparse convert` reads them too (dequantized first); the FP16 \
+files avoid quantizing an already 8-bit model.
+"""
+    sparse = f"""
+## QuantSparse Attention on two experts
+
+Each expert is a QuantSparse W4A8 checkpoint patched by its own QuantSparse Attention node (SparseConfig's defaults: \
+{SPARSE_KNOBS['density']:.0%} density, {SPARSE_KNOBS['mask_mode']} masks, dense warm-up \
+{SPARSE_KNOBS['dense_warmup']} of the steps, SSAR first order refreshed every {SPARSE_KNOBS['refresh_interval']} \
+steps). Each KSamplerAdvanced is its own \
+sampling run with its own SSAR cache. The high-noise run starts from noise: its warm-up ({warm} of its \
+{WAN22_SPLIT} steps) is also its first refresh. The low-noise run starts mid-schedule: no warm-up, a refresh \
+(dense attention that fills its cache) first. Self-attention runs sparse; cross-attention to the text stays \
+dense, and the run report in ComfyUI's console ("QuantSparse attention run") counts those calls under \
+"cross-attention". At CFG {WAN22_CFG} the cond and uncond halves keep their own SSAR residuals. MSAD calibration \
+(the Calibrate node) is HunyuanVideo's only for now: these checkpoints are round-to-nearest conversions.
+"""
+    lora = f"""
+## 4-step LoRA (lightx2v), optional
+
+ComfyUI's template can run 4 steps with the lightx2v distill LoRAs, into ComfyUI/models/loras/:
+
+- {_link(w, high_lora)} on the high-noise expert
+- {_link(w, low_lora)} on the low-noise expert
+
+On a QuantSparse model a LoRA works only through ComfyUI's bypass LoRA node today (the stock LoRA loaders \
+refuse quantized layers): add **{BYPASS_LORA_TITLE}** ({BYPASS_LORA_NODE}) between each Load QuantSparse Model \
+and its QuantSparse Attention, strength_model {LORA_STRENGTH}. Then set both KSamplerAdvanced to steps \
+{LORA_STEPS} and cfg {LORA_CFG}, the high-noise end_at_step to {LORA_SPLIT} and the low-noise start_at_step to \
+{LORA_SPLIT}, as the template's 4-step switch does.
+
+At {LORA_STEPS} steps a dense warm-up step is a quarter of the run. Keep dense_warmup at \
+{SPARSE_KNOBS['dense_warmup']}: it rounds to no warm-up of an expert's {LORA_SPLIT} steps, so each expert's first \
+step is a refresh and its second sparse (cfg 1: no uncond pass).
+"""
+    return [fp8_note, sparse, lora]
+
+
+def wan22_text_to_video() -> Workflow:
+    """Wan 2.2 T2V A14B as ComfyUI's template samples it (without its LoRA switch), each expert a QuantSparse
+    checkpoint under its own QuantSparse Attention node."""
+    w = Workflow(WAN22_T2V_TEMPLATE)
+    checkpoints = WAN22_CHECKPOINTS["t2v"]
+    high, low = two_experts(w, checkpoints)
+    clip, vae = wan_loaders(w, 860)
+    pos, neg = wan_text(w, clip, 400, 860, PROMPT)
+    latent = w.node("EmptyHunyuanLatentVideo", (840, 860), dict(WAN22_SIZE), outputs=[("LATENT", "LATENT")],
+                    size=(320, 130))
+    last = split_samplers(w, high, low, (pos, 0), (neg, 0), (latent, 0))
+    video_tail(w, last, vae, 1840, "video/QuantSparse_wan2.2_t2v")
+    note(w, (-560, 0), WAN22_T2V,
+         f"Samples Wan 2.2 T2V A14B as ComfyUI's template does ({WAN22_STEPS} steps: the high-noise expert for "
+         f"0-{WAN22_SPLIT}, the low-noise one for the rest, CFG {WAN22_CFG}, 640x640, 81 frames), each expert a "
+         f"QuantSparse W4A8 checkpoint with {SPARSE_KNOBS['density']:.0%} block-sparse self-attention and SSAR.",
+         [UMT5, WAN_VAE], checkpoints=checkpoints, calibrate=False, sections=wan22_sections(w), size=(520, 980))
+    return w
+
+
+def wan22_image_to_video() -> Workflow:
+    """Wan 2.2 I2V A14B: the same two experts and split, the start image through WanImageToVideo."""
+    w = Workflow(WAN22_I2V_TEMPLATE)
+    checkpoints = WAN22_CHECKPOINTS["i2v"]
+    high, low = two_experts(w, checkpoints)
+    clip, vae = wan_loaders(w, 860)
+    pos, neg = wan_text(w, clip, 400, 860, WAN_I2V_PROMPT)
+    # "upload": the frontend's upload button, saved as "image" (as ComfyUI's own templates store LoadImage)
+    image = w.node("LoadImage", (0, 1160), {"image": "example.png", "upload": "image"},
+                   outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title="Load Image (start frame)", size=(320, 320))
+    i2v = w.node("WanImageToVideo", (840, 860), dict(WAN22_SIZE),
+                 inputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
+                         ("start_image", "IMAGE")],
+                 outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
+                 size=(320, 210))
+    w.link(pos, 0, i2v, "positive")
+    w.link(neg, 0, i2v, "negative")
+    w.link(vae, 0, i2v, "vae")
+    w.link(image, 0, i2v, "start_image")
+    last = split_samplers(w, high, low, (i2v, 0), (i2v, 1), (i2v, 2))
+    video_tail(w, last, vae, 1840, "video/QuantSparse_wan2.2_i2v")
+    note(w, (-560, 0), WAN22_I2V,
+         f"Animates a start image with Wan 2.2 I2V A14B as ComfyUI's template does ({WAN22_STEPS} steps split at "
+         f"{WAN22_SPLIT} between the high- and low-noise experts, CFG {WAN22_CFG}, 640x640, 81 frames), each expert "
+         f"a QuantSparse W4A8 checkpoint with {SPARSE_KNOBS['density']:.0%} block-sparse self-attention and SSAR. "
+         "Load your start frame in Load Image.",
+         [UMT5, WAN_VAE], checkpoints=checkpoints, calibrate=False, sections=wan22_sections(w), size=(520, 980))
+    return w
+
+
+WAN21_SAMPLING = {"seed": SAMPLING["seed"], CONTROL: "fixed", "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc",
+                  "scheduler": "simple", "denoise": 1.0}  # ComfyUI's Wan 2.1 template's KSampler
+
+
+def wan21_text_to_video() -> Workflow:
+    """Wan 2.1 T2V 1.3B at ComfyUI's template settings (832x480x33, 30 uni_pc steps, CFG 6, shift 8), sampled by
+    the QuantSparse Sampler, which shows the run's report on the node."""
+    w = Workflow(WAN21_T2V_TEMPLATE)
+    ckpt, source = WAN21_CHECKPOINT
+    model = w.node("QuantSparseLoader", (0, 0), {"ckpt_name": ckpt}, outputs=[("MODEL", "MODEL")],
+                   title="Load QuantSparse Model", size=(360, 60))
+    shift = w.node("ModelSamplingSD3", (400, 0), {"shift": 8.0}, inputs=[("model", "MODEL")],
+                   outputs=[("MODEL", "MODEL")], size=(320, 60))
+    clip, vae = wan_loaders(w, 200)
+    pos, neg = wan_text(w, clip, 400, 200, PROMPT)
+    latent = w.node("EmptyHunyuanLatentVideo", (840, 200), {"width": 832, "height": 480, "length": 33,
+                                                            "batch_size": 1},
+                    outputs=[("LATENT", "LATENT")], size=(320, 130))
+    sample = w.node("QuantSparseSampler", (1200, 0), {**WAN21_SAMPLING, **SPARSE_KNOBS}, inputs=SAMPLER_PORTS,
+                    outputs=[("LATENT", "LATENT")], title="QuantSparse Sampler", size=(320, 420))
+    w.link(model, 0, shift, "model")
+    w.link(shift, 0, sample, "model")
+    w.link(pos, 0, sample, "positive")
+    w.link(neg, 0, sample, "negative")
+    w.link(latent, 0, sample, "latent_image")
+    video_tail(w, sample, vae, 1560, "video/QuantSparse_wan2.1_t2v")
+    steps = WAN21_SAMPLING["steps"]
+    warm = int(SPARSE_KNOBS["dense_warmup"] * steps + 0.5)
+    report = f"""
+## QuantSparse Sampler
+
+KSampler plus SparseConfig's defaults ({SPARSE_KNOBS['density']:.0%} density, {SPARSE_KNOBS['mask_mode']} masks, \
+dense warm-up {SPARSE_KNOBS['dense_warmup']} of the steps, SSAR first order refreshed every \
+{SPARSE_KNOBS['refresh_interval']} steps): at {steps} steps {warm - 1} dense steps, then a refresh every \
+{SPARSE_KNOBS['refresh_interval']}. Its report on the node counts every attention call: self-attention sparse \
+(or dense / refresh), cross-attention to the text dense, under "cross-attention". At CFG \
+{WAN21_SAMPLING['cfg']:g} the cond and uncond halves keep their own SSAR residuals. MSAD calibration (the \
+Calibrate node) is HunyuanVideo's only for now: this checkpoint is a round-to-nearest conversion.
+"""
+    note(w, (-560, 0), WAN21_T2V,
+         f"Samples a QuantSparse Wan 2.1 T2V 1.3B checkpoint (W4A8, {SPARSE_KNOBS['density']:.0%} block-sparse "
+         f"self-attention with SSAR) at ComfyUI's template settings: 832x480, 33 frames, {steps} steps uni_pc, CFG "
+         f"{WAN21_SAMPLING['cfg']:g}, shift 8.",
+         [UMT5, WAN_VAE], checkpoints=[WAN21_CHECKPOINT], calibrate=False, sections=[report], size=(520, 760))
+    return w
+
+
 WORKFLOWS = {f"{TEXT_TO_VIDEO}.json": text_to_video,
              f"{DENSE_VS_QUANTSPARSE}.json": dense_vs_quantsparse,
-             f"{CALIBRATION}.json": calibration}
+             f"{CALIBRATION}.json": calibration,
+             f"{WAN22_T2V}.json": wan22_text_to_video,
+             f"{WAN22_I2V}.json": wan22_image_to_video,
+             f"{WAN21_T2V}.json": wan21_text_to_video}
+# Each workflow -> the ComfyUI template its stock loaders' download links are copied from.
+TEMPLATE_OF = {name: make().template for name, make in WORKFLOWS.items()}
 
 
 def thumbnail_name(name: str) -> str:

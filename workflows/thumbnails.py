@@ -9,6 +9,12 @@ dense trajectories (``quantsparse demo``'s defaults: 2 clips, 5 epochs).
 - dense vs QuantSparse: two clips, dense BF16 left, QuantSparse right;
 - calibrate: three clips, dense | round-to-nearest W4A8 | MSAD W4A8 (both with sparse attention).
 
+The Wan workflows get a title card in the same look instead (the proxy is a HunyuanVideo; no frame on a card
+claims to be Wan's output): the model and task, the experts or the sampler with their steps as the workflow
+sets them, and a block-sparse attention mask diagram at the workflow's density.
+
+    python workflows/thumbnails.py --cards  # the title cards only (seconds, Pillow only)
+
 A few minutes on a CPU. The images are 384 x 384 JPEGs under ``MAX_BYTES`` (the tests check both).
 """
 
@@ -92,7 +98,96 @@ def _save(img, path: str) -> int:
     return size
 
 
+# ------------------------------------------------------------------------------------------------ title cards
+
+PANEL = (40, 42, 48)
+LIT = (86, 156, 224)
+UNLIT = (56, 58, 66)
+
+
+def _text(img, xy: tuple[int, int], text: str, size: int, fill=(255, 255, 255), anchor: str = "la") -> None:
+    from PIL import ImageDraw, ImageFont
+
+    ImageDraw.Draw(img).text(xy, text, fill=fill, font=ImageFont.load_default(size=size), anchor=anchor)
+
+
+def _mask_diagram(img, box: tuple[int, int, int, int], density: float, blocks: int = 12) -> None:
+    """A block-sparse attention mask (query blocks down, key blocks across): the diagonal and a band every
+    ``period`` blocks lit, about ``density`` of the blocks, the rest dark."""
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = box
+    cell = min(x1 - x0, y1 - y0) // blocks
+    period = max(2, round(1 / density))
+    for i in range(blocks):
+        for j in range(blocks):
+            lit = (i - j) % period == 0 and abs(i - j) <= period
+            x, y = x0 + j * cell, y0 + i * cell
+            draw.rectangle((x, y, x + cell - 2, y + cell - 2), fill=LIT if lit else UNLIT)
+
+
+def title_card(model: str, task: str, stages: list[tuple[str, str]], density: float, footer: str):
+    """``SIZE`` x ``SIZE``: panels on the thumbnails' dark ground with 2 px gaps; the title panel (model, task),
+    one panel per sampling stage (name, steps, what runs), the mask diagram, and the same footer label."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (SIZE, SIZE), (24, 24, 24))
+    draw = ImageDraw.Draw(img)
+    gap, third = 2, (SIZE - 4) // 3
+    draw.rectangle((0, 0, SIZE - 1, third - 1), fill=PANEL)
+    _text(img, (16, 18), model, 38)
+    _text(img, (16, 66), task, 26, fill=(200, 204, 212))
+    _text(img, (SIZE - 14, third - 14), "QuantSparse", 15, fill=(150, 190, 235), anchor="rb")
+    y0 = third + gap
+    width = (SIZE - gap * (len(stages) - 1)) // len(stages)
+    for k, (name, steps) in enumerate(stages):
+        x0 = k * (width + gap)
+        draw.rectangle((x0, y0, x0 + width - 1, y0 + third - 1), fill=PANEL)
+        _text(img, (x0 + 12, y0 + 14), name, 20)
+        _text(img, (x0 + 12, y0 + 44), steps, 16, fill=(200, 204, 212))
+        _text(img, (x0 + 12, y0 + 70), "W4A8 + sparse attention", 13, fill=(150, 190, 235))
+        if k < len(stages) - 1:
+            _text(img, (x0 + width - 6, y0 + third // 2), "->", 18, fill=LIT, anchor="rm")
+    y0 = 2 * (third + gap)
+    draw.rectangle((0, y0, SIZE - 1, SIZE - 1), fill=PANEL)
+    side = SIZE - y0 - 24
+    _mask_diagram(img, (SIZE - side - 12, y0 + 12, SIZE - 12, y0 + 12 + side), density)
+    _text(img, (12, y0 + 14), "block-sparse attention", 15, fill=(200, 204, 212))
+    _text(img, (12, y0 + 36), "query x key blocks", 13, fill=(150, 154, 162))
+    _text(img, (12, y0 + 56), "+ SSAR residual cache", 13, fill=(150, 154, 162))
+    _label(img, (12, SIZE - 24), footer, size=13)
+    return img
+
+
+def title_cards(build) -> dict:
+    """The Wan workflows' cards, with the steps and density their builders set."""
+    density = build.SPARSE_KNOBS["density"]
+    footer = f"QuantSparse W4A8, {density:.0%} attention"
+    split, steps = build.WAN22_SPLIT, build.WAN22_STEPS
+    experts = [("high noise", f"steps 0-{split} of {steps}"), ("low noise", f"steps {split}-{steps}")]
+    return {
+        "wan22_text_to_video": title_card("Wan 2.2 A14B", "text to video", experts, density, footer),
+        "wan22_image_to_video": title_card("Wan 2.2 A14B", "image to video", experts, density, footer),
+        "wan21_text_to_video": title_card("Wan 2.1 1.3B", "text to video",
+                                          [("QuantSparse Sampler", f"{build.WAN21_SAMPLING['steps']} steps, "
+                                                                   f"CFG {build.WAN21_SAMPLING['cfg']:g}")],
+                                          density, footer),
+    }
+
+
+def _write(build, made: dict) -> None:
+    for builder_name, img in made.items():
+        name = next(n for n, f in build.WORKFLOWS.items() if f.__name__ == builder_name)
+        path = os.path.join(HERE, build.thumbnail_name(name))
+        print("wrote", path, _save(img, path), "bytes")
+
+
 def main() -> None:
+    build = _build()
+    _write(build, title_cards(build))
+    if "--cards" in sys.argv[1:]:
+        return
     import torch
 
     from comfyui_quantsparse.quantsparse.proxy import sample as ps
@@ -101,7 +196,6 @@ def main() -> None:
     from comfyui_quantsparse.quantsparse.proxy.train import DEFAULT_PATH, load_proxy
 
     torch.manual_seed(0)
-    build = _build()
     dense = load_proxy(str(DEFAULT_PATH))
     sparse = ps.proxy_sparse_config(0.15)
     qcfg = QuantSparseConfig(bits="w4a8")
@@ -133,10 +227,7 @@ def main() -> None:
     made["calibration"] = _grid([[d[last // 2], r[last // 2], m[last // 2]] for d, r, m in trip],
                                 ["dense", "RTN", "MSAD"], "W4A8, 15% attention")
 
-    for builder_name, img in made.items():
-        name = next(n for n, f in build.WORKFLOWS.items() if f.__name__ == builder_name)
-        path = os.path.join(HERE, build.thumbnail_name(name))
-        print("wrote", path, _save(img, path), "bytes")
+    _write(build, made)
 
 
 if __name__ == "__main__":
