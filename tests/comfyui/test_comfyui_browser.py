@@ -86,13 +86,19 @@ def same(a, b) -> bool:
     return a == b
 
 
+def saved_widgets(node: dict) -> list[dict]:
+    """The widgets whose values the frontend saves in ``widgets_values`` (not e.g. LoadImage's image preview)."""
+    return [w for w in node["widgets"] if w["serialize"]]
+
+
 def shown_widgets(node: dict) -> list[tuple[str, object]]:
-    """(name, value) of a node's widgets as the frontend holds them, a control widget named ``CONTROL``
+    """(name, value) of a node's saved widgets as the frontend holds them, a control widget named ``CONTROL``
     (the frontend names it by its default when the schema gives one as a string, e.g. "fixed")."""
     out = []
-    for i, w in enumerate(node["widgets"]):
+    widgets = saved_widgets(node)
+    for i, w in enumerate(widgets):
         if w["control_of"] is not None:
-            assert i > 0 and node["widgets"][i - 1]["name"] == w["control_of"], (node["type"], w)
+            assert i > 0 and widgets[i - 1]["name"] == w["control_of"], (node["type"], w)
             assert w["label"] == CONTROL_LABEL, (node["type"], w)
             out.append((CONTROL, w["value"]))
         else:
@@ -163,7 +169,7 @@ def test_advanced_inputs_are_where_the_schema_puts_them(frontend, comfy_server, 
         spec = info[node["type"]]
         flagged = [k for s in ("required", "optional") for k in spec.get("input_order", {}).get(s, [])
                    if (spec["input"][s][k][1] if len(spec["input"][s][k]) > 1 else {}).get("advanced")]
-        widgets = node["widgets"]
+        widgets = saved_widgets(node)
         assert [w["name"] for w in widgets if w["advanced"]] == flagged, node["type"]
         schema = [k for k, _ in widget_inputs(spec)]
         assert [CONTROL if w["control_of"] else w["name"] for w in widgets] == schema, node["type"]

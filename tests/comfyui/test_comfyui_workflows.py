@@ -1,8 +1,8 @@
 """The example workflows against a real ComfyUI: every node type exists, every widget value fits its
 input, each node's widget values read by name (the frontend's rule, through /object_info) are the ones
 workflows/build.py gave, the template browser's routes serve the workflows and their thumbnails, the
-download links are ComfyUI's own, and the text-to-video workflow itself runs through /prompt with the
-tiny model substituted."""
+download links are ComfyUI's own (each workflow's from its ComfyUI template), and the text-to-video workflow itself
+runs through /prompt with the tiny model substituted (the Wan workflows run in test_comfyui_wan.py)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ BUILD = load_build()
 WORKFLOWS_DIR = pathlib.Path(__file__).resolve().parents[2] / "workflows"
 WORKFLOWS = sorted(WORKFLOWS_DIR / name for name in BUILD.WORKFLOWS)
 TEXT_TO_VIDEO = WORKFLOWS_DIR / f"{BUILD.TEXT_TO_VIDEO}.json"
-MODEL_WIDGETS = {"ckpt_name", "clip_name1", "clip_name2", "vae_name", "unet_name"}  # files a user supplies
-STOCK_LOADERS = ("UNETLoader", "DualCLIPLoader", "VAELoader")
+# Files a user supplies (models, LoadImage's start frame): not in this test server's lists.
+MODEL_WIDGETS = {"ckpt_name", "clip_name", "clip_name1", "clip_name2", "vae_name", "unet_name", "image"}
+STOCK_LOADERS = BUILD.STOCK_LOADERS
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -72,7 +73,7 @@ def test_widget_values_by_name_are_the_built_ones(comfy_server, name):
 def test_the_control_widget_rule_matches_the_frontend_source():
     """The rule in workflow_api.extra_widgets, on the cases the frontend's useIntWidget / useFloatWidget /
     addComboWidget distinguish (see its docstring); the browser test checks it on the real frontend."""
-    from .workflow_api import CONTROL, FILTER, extra_widgets
+    from .workflow_api import CONTROL, FILTER, UPLOAD, extra_widgets
 
     assert extra_widgets("INT", "seed", {}) == [CONTROL]  # by name alone
     assert extra_widgets("INT", "noise_seed", {}) == [CONTROL]
@@ -85,6 +86,11 @@ def test_the_control_widget_rule_matches_the_frontend_source():
     assert extra_widgets("COMBO", "seed", {}) == []
     assert extra_widgets("COMBO", "sampler", {"control_after_generate": True}) == [CONTROL, FILTER]
     assert extra_widgets("STRING", "seed", {"control_after_generate": True}) == []
+    # a media file COMBO gets the upload button, saved as "image" (LoadImage: [file, "image"])
+    load_image = {"input": {"required": {"image": [["a.png"], {"image_upload": True}]}},
+                  "input_order": {"required": ["image"]}}
+    assert [k for k, _ in widget_inputs(load_image)] == ["image", UPLOAD]
+    assert [k for k, _ in widget_inputs({"input": {"required": {"image": [["a.png"], {}]}}})] == ["image"]
 
 
 def test_workflows_are_listed_as_templates(comfy_server):
@@ -103,26 +109,62 @@ def test_workflows_are_listed_as_templates(comfy_server):
             assert data == (WORKFLOWS_DIR / f"{stem}.jpg").read_bytes()
 
 
-def test_model_links_are_comfyuis_own(comfy_server):
-    """The stock loaders' ``properties.models`` (what the missing-models panel downloads) are the entries of
-    ComfyUI's own HunyuanVideo template for the same files, as this ComfyUI serves that template."""
+def template_models(server, template: str) -> dict[str, dict]:
+    """{file: properties.models entry} of every node of a ComfyUI template as this ComfyUI serves it, the nodes
+    inside its subgraphs included (the Wan 2.2 templates keep their loaders in one); skips when not served."""
     try:
-        stock = comfy_server.get(f"/templates/{BUILD.STOCK_TEMPLATE}")
+        stock = server.get(f"/templates/{template}")
     except urllib.error.HTTPError as e:
-        pytest.skip(f"this ComfyUI does not serve /templates/{BUILD.STOCK_TEMPLATE} ({e}); "
+        pytest.skip(f"this ComfyUI does not serve /templates/{template} ({e}); "
                     "install comfyui-workflow-templates to compare the download links")
-    theirs = {m["name"]: m for n in stock["nodes"] for m in n.get("properties", {}).get("models", [])}
-    assert set(BUILD.MODEL_LINKS) <= set(theirs), sorted(theirs)
-    seen = set()
+    subgraphs = (stock.get("definitions") or {}).get("subgraphs", [])
+    nodes = list(stock["nodes"]) + [n for sg in subgraphs for n in sg["nodes"]]
+    out = {}
+    for n in nodes:
+        for m in (n.get("properties") or {}).get("models") or []:
+            assert out.get(m["name"], m) == m, f"{template}: two links for {m['name']}"
+            out[m["name"]] = m
+    return out
+
+
+def test_model_links_are_comfyuis_own(comfy_server):
+    """The stock loaders' ``properties.models`` (what the missing-models panel downloads) are the entries of the
+    ComfyUI template each workflow names (HunyuanVideo's, Wan 2.2 T2V / I2V A14B's, Wan 2.1 T2V's) for the same
+    files, as this ComfyUI serves it; so is every template link build.py keeps (the notes' 4-step LoRAs too)."""
+    theirs = {t: template_models(comfy_server, t) for t in BUILD.TEMPLATE_LINKS}
+    for template, links in BUILD.TEMPLATE_LINKS.items():
+        for name, (directory, url) in links.items():
+            assert theirs[template].get(name) == {"name": name, "url": url, "directory": directory}, (template, name)
+    seen = {t: set() for t in BUILD.TEMPLATE_LINKS}
     for name in BUILD.WORKFLOWS:
+        template = BUILD.TEMPLATE_OF[name]
         for node in json.loads((WORKFLOWS_DIR / name).read_text())["nodes"]:
             if node["type"] not in STOCK_LOADERS:
                 continue
             models = node["properties"].get("models")
             files = [v for v in node["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
-            assert models == [theirs[f] for f in files], f"{name}: {node['type']}"
-            seen.update(files)
-    assert seen == set(BUILD.MODEL_LINKS)  # every link is used, none is left unchecked
+            assert models == [theirs[template][f] for f in files], f"{name}: {node['type']}"
+            seen[template].update(files)
+    # every template link is used by a loader, a note's conversion source, or a note's LoRA
+    notes = set(BUILD.CHECKPOINTS.values()) | {f for pair in BUILD.LORAS.values() for f in pair}
+    for template, links in BUILD.TEMPLATE_LINKS.items():
+        assert set(links) <= seen[template] | notes, (template, set(links) - seen[template] - notes)
+
+
+def test_conversion_sources_sit_beside_the_templates_files(comfy_server):
+    """The Wan 2.2 templates load fp8_scaled experts; the notes link the FP16 files of the same experts as the
+    conversion source (SOURCE_LINKS; 4-bit from an 8-bit model would add the two errors): the same repository
+    folder as the template's own expert links, the same file names but for the precision."""
+    for task, template in (("t2v", BUILD.WAN22_T2V_TEMPLATE), ("i2v", BUILD.WAN22_I2V_TEMPLATE)):
+        experts = {n: m for n, m in template_models(comfy_server, template).items() if m["directory"] ==
+                   "diffusion_models"}
+        assert sorted(experts) == [f"wan2.2_{task}_{noise}_noise_14B_fp8_scaled.safetensors"
+                                   for noise in ("high", "low")]
+        for fp8, m in experts.items():
+            fp16 = fp8.replace("fp8_scaled", "fp16")
+            directory, url = BUILD.SOURCE_LINKS[fp16]
+            assert directory == m["directory"] and url == m["url"].replace(fp8, fp16)
+    assert set(BUILD.SOURCE_LINKS) <= set(BUILD.CHECKPOINTS.values())
 
 
 def only(prompt: dict, class_type: str) -> str:

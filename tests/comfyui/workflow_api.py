@@ -16,7 +16,9 @@ import sys
 
 CONTROL = "control_after_generate"  # the UI-only widget after a seed ("fixed", "randomize", ...)
 FILTER = "control_filter_list"  # the UI-only text widget a COMBO with a control widget also gets
-UI_ONLY = (CONTROL, FILTER)
+UPLOAD = "upload"  # the UI-only upload button a media file COMBO (LoadImage's image) adds; it saves "image"
+UI_ONLY = (CONTROL, FILTER, UPLOAD)
+MEDIA_UPLOAD_FLAGS = ("image_upload", "video_upload", "animated_image_upload")
 CONTROL_CHOICES = ("fixed", "increment", "decrement", "randomize")
 SEED_NAMES = ("seed", "noise_seed")
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -51,13 +53,31 @@ def extra_widgets(kind: str, name: str, options: dict) -> list[str]:
     return []
 
 
+def upload_widget(spec: dict) -> tuple[str, list] | None:
+    """The upload button the frontend (1.47.10, extension Comfy.UploadImage) adds to a node: when a required
+    input is a COMBO flagged ``image_upload``, ``video_upload`` or ``animated_image_upload`` (the first such),
+    a required ``upload`` input of type IMAGEUPLOAD is appended to the required inputs; its button widget
+    holds the value "image", which the UI saves in ``widgets_values`` (ComfyUI's own templates store LoadImage
+    as ``[file, "image"]``) but the server never takes. Where it goes among other widgets is checked on
+    LoadImage only (the browser test), whose one input is the file."""
+    for name, value in spec["input"].get("required", {}).items():
+        options = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
+        if (isinstance(value[0], list) or value[0] == "COMBO") and any(options.get(f) is True
+                                                                        for f in MEDIA_UPLOAD_FLAGS):
+            return UPLOAD, ["IMAGEUPLOAD", {**options, "imageInputName": name}]
+    return None
+
+
 def widget_inputs(spec: dict) -> list[tuple[str, list]]:
     """(name, input spec) of a node's widgets in the order the UI stores their values, with the
-    frontend's UI-only widgets (``extra_widgets``) as ``(CONTROL, ...)`` / ``(FILTER, ...)``."""
+    frontend's UI-only widgets (``extra_widgets``, ``upload_widget``) as ``(CONTROL, ...)`` /
+    ``(FILTER, ...)`` / ``(UPLOAD, ...)``."""
     order = spec.get("input_order") or {s: list(spec["input"].get(s, {})) for s in ("required", "optional")}
     out = []
     for section in ("required", "optional"):
         inputs = spec["input"].get(section, {})
+        if section == "optional" and upload_widget(spec):
+            out.append(upload_widget(spec))
         for name in order.get(section, []):
             value = inputs[name]
             kind, options = value[0], (value[1] if len(value) > 1 else {})
