@@ -33,8 +33,9 @@ from comfyui_quantsparse.kernels.sparse_attention import (  # noqa: E402
     block_mask, block_sparse_attention_triton, complement_lists, row_mask,
 )
 
-HEADS, HEAD_DIM, TXT = 24, 128, 256
+HEADS, HEAD_DIM, TXT = 24, 128, 256  # --model wan: 40 heads, no text (self-attention over the video tokens)
 VIDEO_TOKENS = [30210, 118800]
+WAN_TOKENS = [32760, 75600]
 DENSITIES = [0.10, 0.15, 0.25, 0.40]
 REFRESH_DENSITY = 0.15
 
@@ -50,7 +51,8 @@ def random_mask(q, k, density, txt_len, block_q, block_k, gen):
     return blocks, torch.full((b, h, nqb), n, dtype=torch.int32, device=q.device)
 
 
-GRIDS = {30210: (19, 30, 53), 118800: (33, 45, 80)}  # 848x480x73 and 1280x720x129 latents, 2x2 patches
+GRIDS = {30210: (19, 30, 53), 118800: (33, 45, 80),  # HunyuanVideo 848x480x73 and 1280x720x129, 2x2 patches
+         32760: (21, 30, 52), 75600: (21, 45, 80)}  # Wan 832x480x81 and 1280x720x81
 
 
 def select(q, k, v, density, grid, block_q, block_k):
@@ -95,14 +97,21 @@ def check_rows(q, k, v, out, lse, blocks, counts, txt_len, mode, block_q, block_
 
 def run_length(l_img, args, gen):
     seq = TXT + l_img
-    q, k, v = (torch.randn(1, HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-               for _ in range(3))
+    if args.model == "wan":  # as Wan hands them over: [B, L, H * D] viewed as [B, H, L, D] (strided, no copy)
+        q, k, v = (torch.randn(1, seq, HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+                   .view(1, seq, HEADS, HEAD_DIM).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(1, HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+                   for _ in range(3))
     bq, bk = args.block_q, args.block_k
     rows = []
+    # The dense baselines get contiguous [B, H, L, D] (the fastest layout for SDPA); ours runs on the views.
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        ref_dense = F.scaled_dot_product_attention(q, k, v)
-        t_cudnn = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))
-    t_default = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        ref_dense = F.scaled_dot_product_attention(qc, kc, vc)
+        t_cudnn = bench_ms(lambda: F.scaled_dot_product_attention(qc, kc, vc))
+    t_default = bench_ms(lambda: F.scaled_dot_product_attention(qc, kc, vc))
+    del qc, kc, vc
     best = min(t_cudnn, t_default)
 
     def row(density, mode, ms, err):
@@ -158,14 +167,21 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/attention_h100.json")
     ap.add_argument("--block-q", type=int, default=128)
     ap.add_argument("--block-k", type=int, default=128)
-    ap.add_argument("--tokens", type=int, nargs="*", default=VIDEO_TOKENS)
+    ap.add_argument("--tokens", type=int, nargs="*", default=None)
+    ap.add_argument("--model", choices=["hunyuan", "wan"], default="hunyuan",
+                    help="hunyuan: 24 heads, 256 text tokens first; wan: 40 heads, self-attention without text")
     args = ap.parse_args()
+    global HEADS, TXT
+    if args.model == "wan":
+        HEADS, TXT = 40, 0
+    args.tokens = args.tokens or (WAN_TOKENS if args.model == "wan" else VIDEO_TOKENS)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for l_img in args.tokens:
         rows += run_length(l_img, args, gen)
         torch.cuda.empty_cache()
-    write_json(args.out, dict(environment(), heads=HEADS, head_dim=HEAD_DIM, txt_len=TXT, block_q=args.block_q,
+    write_json(args.out, dict(environment(), model=args.model, heads=HEADS, head_dim=HEAD_DIM, txt_len=TXT,
+                              block_q=args.block_q,
                               block_k=args.block_k, mask=("sparse and refresh rows: svg selection (quantsparse.masks.build_mask, probe kernel) + the kernel "
                                     "under that mask, selection included in every call; sparse_cached_mask: the kernel "
                                     "under a kept mask (steps between refreshes); select: the selection alone; "

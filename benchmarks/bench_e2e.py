@@ -432,11 +432,15 @@ def schedule_rows(row: dict, config, schedules) -> list[dict]:
 
 
 def plan_steps(kinds, reps):
-    """Step indices: DENSE warm-up/check, DENSE timed, then refresh/sparse pairs (first pair warms up)."""
+    """Step indices: DENSE warm-up/check, DENSE timed, then refresh/sparse pairs (first pair warms up).
+
+    A short schedule with one refresh (4 steps: refresh, then 3 sparse) times that first pair again: the
+    step's kind follows its index, so running step 0 again after step 1 is another refresh of the run."""
     dense = [s for s, k in enumerate(kinds) if k == "dense"]
     refresh = [s for s, k in enumerate(kinds) if k == "refresh"]
     pairs = [(r, r + 1) for r in refresh if r + 1 < len(kinds) and kinds[r + 1] == "sparse"]
-    return dense, pairs[0] if pairs else None, pairs[1:1 + reps]
+    timed = pairs[1:1 + reps] or pairs[:1] * reps
+    return dense, pairs[0] if pairs else None, timed
 
 
 def sparse_options(config):

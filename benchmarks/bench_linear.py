@@ -27,6 +27,10 @@ from comfyui_quantsparse.quantsparse.core.quantizer import quantize_weight  # no
 
 SHAPES = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]  # (K, N)
 TOKENS = [30210, 118800]
+# Wan 14B: self-attention q, k, v read one input (one activation quantization, one GEMM on the concatenated
+# weights: N 15360), o and cross-attention q / o 5120 x 5120, the FFN 5120 -> 13824 -> 5120.
+WAN_SHAPES = [(5120, 15360), (5120, 5120), (5120, 13824), (13824, 5120)]
+WAN_TOKENS = [32760, 75600]
 CHECK_ROWS = 4099  # rows checked against the float64 reference (first and last rows of the batch)
 
 W8A8_SWEEP = [
@@ -124,21 +128,25 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/linear_h100.json")
     ap.add_argument("--sweep", choices=["all", "act"], help="time tile configurations first")
-    ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
+    ap.add_argument("--tokens", type=int, nargs="*", default=None)
+    ap.add_argument("--model", choices=["hunyuan", "wan"], default="hunyuan", help="whose block shapes")
+    ap.add_argument("--kinds", nargs="+", default=["w8a8", "w4a8"], choices=["w8a8", "w4a8"])
     args = ap.parse_args(argv)
+    shapes = WAN_SHAPES if args.model == "wan" else SHAPES
+    args.tokens = args.tokens or (WAN_TOKENS if args.model == "wan" else TOKENS)
     assert torch.cuda.is_available(), "bench_linear needs a CUDA GPU"
     log = lambda s: print(s, flush=True)  # noqa: E731
     env = environment()
     log(str(env))
     log(f"W8A8_CONFIG={w8a8.W8A8_CONFIG} W4A8_CONFIG={w4a8.W4A8_CONFIG}")
     gen = torch.Generator().manual_seed(0)
-    result = dict(env, rows=[])
+    result = dict(env, model=args.model, rows=[])
     if args.sweep:
         result["act_quant"] = sweep(gen, log, args.sweep)
     for m in args.tokens:
-        for k, n in SHAPES:
+        for k, n in shapes:
             x = activations(m, k, gen)
-            for kind in ("w8a8", "w4a8"):
+            for kind in args.kinds:
                 w_bf16, b, qt = make_layer(k, n, kind, gen)
                 kernel_err, quant_err = check_layer(x, w_bf16, b, qt, kind)
                 assert kernel_err < 1e-2, f"{kind} K={k} N={n} M={m}: kernel vs reference rel err {kernel_err}"

@@ -485,6 +485,30 @@ def test_gpu_720p_strided_views_all_modes():
         assert torch.isfinite(got).all() and torch.equal(got, ref), mode
 
 
+@pytest.mark.gpu
+def test_gpu_wan_720p_views_without_text_all_modes():
+    """Wan 14B self-attention at 1280x720x81 as ComfyUI's Wan hands it: 40 heads, no text, 75,600 video
+    tokens, q/k/v [B, L, H * D] viewed as [B, H, L, D], uncond and cond batched; svg selection, then every
+    mode: the same results as on contiguous copies, and nothing out of bounds."""
+    from comfyui_quantsparse.quantsparse.sparse.masks import build_mask
+    from comfyui_quantsparse.quantsparse.sparse.masked import masked_attention
+    grid = (21, 45, 80)
+    seq = math.prod(grid)
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    q, k, v = (torch.randn(2, seq, 40 * 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+               .view(2, seq, 40, 128).transpose(1, 2) for _ in range(3))
+    mask = build_mask(q, k, v, mode="svg", grid=grid, txt_len=0, density=0.15, block_q=128, block_k=128)
+    contiguous = [x.contiguous() for x in (q, k, v)]
+    for mode in ("sparse", "refresh", "dense"):
+        got = masked_attention(q, k, v, mask, grid=grid, txt_len=0, mode=mode)
+        torch.cuda.synchronize()
+        ref = masked_attention(*contiguous, mask, grid=grid, txt_len=0, mode=mode)
+        got, ref = (got[0], ref[0]) if mode == "refresh" else (got, ref)
+        assert torch.isfinite(got).all() and torch.equal(got, ref), mode
+    dense = masked_attention(q, k, v, mask, grid=grid, txt_len=0, mode="dense")
+    close(dense[:, :, :4096], F.scaled_dot_product_attention(*contiguous)[:, :, :4096], torch.bfloat16)
+
+
 @pytest.mark.parametrize("mode", ["sparse", "refresh"])
 def test_int64_offsets_path_matches_reference(mode, monkeypatch):
     """The int64-offset specialisation (taken when tokens x row stride pass 2^31) computes the same:
