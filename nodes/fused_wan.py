@@ -72,8 +72,13 @@ def _unpatched(module) -> bool:
 
 def _hooked(module) -> bool:
     """An injected forward (ComfyUI's bypass LoRA replaces ``module.forward``) or torch hooks: calling the
-    quantized GEMM directly would skip them."""
-    return "forward" in module.__dict__ or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
+    quantized GEMM directly would skip them. An instance ``forward`` that is the module's own method bound to
+    it is not an injection: ComfyUI's bypass LoRA ejects by assigning the saved bound method back (its
+    ``BypassForwardHook.eject``), so a model that once ran with the LoRA keeps that attribute afterwards."""
+    fwd = module.__dict__.get("forward")
+    injected = fwd is not None and not (getattr(fwd, "__self__", None) is module
+                                        and getattr(fwd, "__func__", None) is type(module).forward)
+    return injected or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
 
 
 def why_not_fused(block) -> str:
