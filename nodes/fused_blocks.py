@@ -17,7 +17,12 @@ Everything else is ComfyUI's own: the modulation Linears, the attention function
 sparse-attention override and any attention backend still apply), the patches ``attn1_patch`` (which
 see q and k between norm and RoPE: with any, the norm and RoPE are ComfyUI's own calls) and
 ``attn1_output_patch``. A block the fusion does not cover (a Linear left in BF16, a
-different MLP, per-token modulation dims) runs ComfyUI's forward unchanged.
+different MLP, per-token modulation dims) runs ComfyUI's forward unchanged. So does a call where one of
+the modules whose forward the fused path replaces (the quantized Linears it hands pre-quantized
+activations, the norms and GELU folded into its kernels) has an injected forward or hooks (ComfyUI's
+bypass LoRA, ``load_bypass_lora_for_models``, replaces the Linear's forward) or a per-call weight patch
+(a low-VRAM LoRA on a QK norm): the fused path would skip them. The log says so once per reason and model
+(the ``Notes`` the Wan fusion keeps too).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from .fused_wan import Notes, _hooked, _unpatched
 from .ops import QuantSparseLinear
 
 
@@ -52,6 +58,28 @@ def _gelu_cat_linear(layer, a, h):
     a2 = a.reshape(b * n, a.shape[-1]) if a is not None else h.new_empty(b * n, 0)
     x_q, x_s = kernels.act_quant_gelu_cat(a2, h.reshape(b * n, h.shape[-1]), smooth, qmax, rotate)
     return layer.forward_prequantized(x_q, x_s, h.dtype).reshape(b, n, -1)
+
+
+def _bypassed(block, names) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of the modules in ``block`` whose forward the fused path replaces (those that exist)."""
+    out = []
+    for name in names:
+        try:
+            out.append((name, block.get_submodule(name)))
+        except AttributeError:
+            continue
+    return out
+
+
+def _skip_reason(prefix: str, modules) -> str:
+    """Why the fused forward must not run this call ("" when it may): a module whose forward or weights it
+    would bypass has an injected forward or hooks (a bypass LoRA) or a per-call weight patch."""
+    for name, m in modules:
+        if _hooked(m):
+            return f"{prefix}.{name} has an injected forward or hooks (e.g. a bypass LoRA)"
+        if not isinstance(m, QuantSparseLinear) and not _unpatched(m):
+            return f"{prefix}.{name} has a per-call weight patch (e.g. a LoRA in low-VRAM mode)"
+    return ""
 
 
 def _split_heads(qkv, heads):
@@ -104,8 +132,17 @@ def _patched_attention(q, k, v, pe, attn_mask, transformer_options, extra_option
 class FusedDoubleBlock:
     """The ``patches_replace["dit"][("double_block", i)]`` entry of one DoubleStreamBlock."""
 
-    def __init__(self, block):
+    # The modules whose forward the fused path replaces: the Linears fed pre-quantized activations, the
+    # LayerNorms folded into their activation kernels, the QK norms folded into the norm + RoPE kernel.
+    DIRECT = ("img_attn.qkv", "txt_attn.qkv", "img_mlp.0", "txt_mlp.0", "img_norm1", "txt_norm1", "img_norm2",
+              "txt_norm2", "img_attn.norm", "img_attn.norm.query_norm", "img_attn.norm.key_norm", "txt_attn.norm",
+              "txt_attn.norm.query_norm", "txt_attn.norm.key_norm")
+
+    def __init__(self, block, index: int = 0, notes: Notes | None = None):
         self.block = block
+        self.index = index
+        self.notes = notes if notes is not None else Notes()
+        self.direct = _bypassed(block, self.DIRECT)
 
     @staticmethod
     def supports(block) -> bool:
@@ -118,6 +155,11 @@ class FusedDoubleBlock:
     def __call__(self, args, extra):
         if args.get("modulation_dims_img") is not None or args.get("modulation_dims_txt") is not None:
             return extra["original_block"](args)
+        why = _skip_reason(f"double_blocks.{self.index}", self.direct)
+        if why:
+            self.notes.once(f"{why}: ComfyUI's block forward runs")
+            return extra["original_block"](args)
+        self.notes.fused += 1
         blk = self.block
         # The patch embedding hands img as a transposed view: made contiguous once here, the in-place
         # residual adds keep it so for the blocks after.
@@ -166,8 +208,15 @@ class FusedDoubleBlock:
 class FusedSingleBlock:
     """The ``patches_replace["dit"][("single_block", i)]`` entry of one SingleStreamBlock."""
 
-    def __init__(self, block):
+    # linear1 and linear2 fed pre-quantized activations, pre_norm and the GELU folded into their activation
+    # kernels, the QK norms folded into the norm + RoPE kernel.
+    DIRECT = ("linear1", "linear2", "pre_norm", "mlp_act", "norm", "norm.query_norm", "norm.key_norm")
+
+    def __init__(self, block, index: int = 0, notes: Notes | None = None):
         self.block = block
+        self.index = index
+        self.notes = notes if notes is not None else Notes()
+        self.direct = _bypassed(block, self.DIRECT)
 
     @staticmethod
     def supports(block) -> bool:
@@ -178,6 +227,11 @@ class FusedSingleBlock:
     def __call__(self, args, extra):
         if args.get("modulation_dims") is not None:
             return extra["original_block"](args)
+        why = _skip_reason(f"single_blocks.{self.index}", self.direct)
+        if why:
+            self.notes.once(f"{why}: ComfyUI's block forward runs")
+            return extra["original_block"](args)
+        self.notes.fused += 1
         blk = self.block
         x, to = args["img"].contiguous(), args["transformer_options"]
         mod, _ = blk.modulation(args["vec"])
@@ -200,13 +254,15 @@ class FusedSingleBlock:
 
 def fused_block_patches(diffusion_model) -> dict:
     """``{("double_block", i) | ("single_block", i): fused forward}`` for every block of a HunyuanVideo-style
-    model that the fusion covers (empty for a model without flux-style blocks)."""
+    model that the fusion covers (empty for a model without flux-style blocks); the entries of one model share
+    one ``Notes`` (calls fused, calls that ran ComfyUI's forward and why, each reason logged once)."""
     out = {}
+    notes = Notes()
     for name, cls, kind in (("double_blocks", FusedDoubleBlock, "double_block"),
                             ("single_blocks", FusedSingleBlock, "single_block")):
         for i, block in enumerate(getattr(diffusion_model, name, None) or []):
             if cls.supports(block):
-                out[(kind, i)] = cls(block)
+                out[(kind, i)] = cls(block, i, notes)
     return out
 
 

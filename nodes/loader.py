@@ -8,8 +8,15 @@ from comfy_api.latest import io, ui
 
 from ..quantsparse.calib.provenance import summary_lines
 from ..quantsparse.checkpoint.format import validate_checkpoint
+from ..quantsparse.models import registry
 from .folders import checkpoint_path, list_checkpoints
 from .model import load_quantsparse_model
+
+
+def supported_models() -> str:
+    """The families a checkpoint can hold, as the registry names them ("HunyuanVideo T2V or Wan 2.1 / 2.2")."""
+    titles = [a.title for a in registry.adapters()]
+    return titles[0] if len(titles) == 1 else ", ".join(titles[:-1]) + " or " + titles[-1]
 
 
 class QuantSparseLoader(io.ComfyNode):
@@ -17,18 +24,22 @@ class QuantSparseLoader(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
+        families = supported_models()
         return io.Schema(
             node_id="QuantSparseLoader",
             display_name="Load QuantSparse Model",
             category="QuantSparse",
-            description="Loads a QuantSparse checkpoint (quantized HunyuanVideo) from models/quantsparse/. "
-                        "The MODEL works with the stock samplers; its quantized Linears run QuantSparse kernels.",
+            description=f"Loads a QuantSparse checkpoint (a quantized {families} diffusion model) from "
+                        "models/quantsparse/; the text under the node names the model the file holds (its 'base:' "
+                        "line, e.g. Wan 2.2 TI2V 5B). The MODEL works with the stock samplers; its quantized Linears run "
+                        "QuantSparse kernels.",
             inputs=[
                 io.Combo.Input("ckpt_name", options=list_checkpoints(),
                                tooltip="A .safetensors file in models/quantsparse/ written by QuantSparse "
                                        "(the 'quantsparse convert' command or the Calibrate node)."),
             ],
-            outputs=[io.Model.Output(tooltip="HunyuanVideo with QuantSparse-quantized Linears.")],
+            outputs=[io.Model.Output(tooltip=f"The checkpoint's model ({families}) as ComfyUI builds it, with "
+                                             "QuantSparse-quantized Linears.")],
         )
 
     @classmethod
@@ -56,5 +67,7 @@ class QuantSparseLoader(io.ComfyNode):
     def execute(cls, ckpt_name: str) -> io.NodeOutput:
         path = checkpoint_path(ckpt_name)
         model, summary = load_quantsparse_model(path)
-        provenance = summary_lines(validate_checkpoint(path))  # header only: milliseconds
+        # The header again (milliseconds): what the model is (its family's adapter names the variant, e.g.
+        # "Wan 2.2 I2V A14B expert"), its settings and provenance.
+        provenance = summary_lines(validate_checkpoint(path))
         return io.NodeOutput(model, ui=ui.PreviewText("\n".join([summary.text(), *provenance])))

@@ -262,3 +262,123 @@ def test_fused_block_forward_matches_comfyuis_blocks(qs, tiny_files, monkeypatch
     # measured 1.2e-3 on the tiny model in float32; ComfyUI computes in BF16 where a GPU exists (9.5e-3 on
     # the H100's CPU, BF16 rounding after each of ComfyUI's elementwise steps)
     assert rel < (5e-3 if p.model_dtype() == torch.float32 else 3e-2), rel
+
+
+def _lora(prefix: str, out_features: int, in_features: int, seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"diffusion_model.{prefix}.lora_up.weight": torch.randn(out_features, rank, generator=g) * 0.5,
+            f"diffusion_model.{prefix}.lora_down.weight": torch.randn(rank, in_features, generator=g) * 0.5,
+            f"diffusion_model.{prefix}.alpha": torch.tensor(float(rank))}
+
+
+def run_loaded(patcher, seed: int = 0, transformer_options=None) -> torch.Tensor:
+    """``apply_model`` as a sampler runs it: the model loaded by ``model_management.load_models_gpu`` (its load
+    device, the GPU where there is one; a bypass LoRA's adapter injected there), the inputs on that device, the
+    patcher's own transformer_options (the fused block entries, if any); unloaded afterwards."""
+    import comfy.model_management
+
+    to = patcher.model_options.get("transformer_options", {}) if transformer_options is None else transformer_options
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    try:
+        device = patcher.load_device
+        assert device == comfy.model_management.get_torch_device()
+        x, t, kw = inputs(seed, device.type)
+        with torch.no_grad():
+            return patcher.model.apply_model(x.to(device), t.to(device), transformer_options=dict(to),
+                                             **{k: v.to(device) for k, v in kw.items()}).float().cpu()
+    finally:
+        comfy.model_management.unload_all_models()
+
+
+def test_bypass_lora_on_fused_blocks_runs_comfyuis_block(qs, tiny_files, monkeypatch, caplog):
+    """ComfyUI's bypass LoRA replaces a Linear's forward; the fused HunyuanVideo blocks call the quantized GEMM of
+    img_attn.qkv / linear1 directly and would skip it. A block with such a layer runs ComfyUI's own forward (logged
+    once per reason), so the LoRA changes the output exactly as with QUANTSPARSE_FUSED=0: with only those blocks'
+    fused entries installed the output is QUANTSPARSE_FUSED=0's bit for bit; with every block's, the other blocks
+    fused, it is within the fused forward's bound of it."""
+    import logging
+
+    import comfy.sd
+    import comfy.utils
+    from comfyui_quantsparse.nodes.fused_wan import _hooked
+
+    p, _ = qs.model.load_quantsparse_model(str(tiny_files.w4a8))
+    monkeypatch.setenv("QUANTSPARSE_FUSED", "0")
+    p_off, summary_off = qs.model.load_quantsparse_model(str(tiny_files.w4a8))
+    monkeypatch.delenv("QUANTSPARSE_FUSED")
+    assert "ComfyUI's own (QUANTSPARSE_FUSED=0)" in summary_off.text()
+    assert not p_off.model_options.get("transformer_options", {}).get("patches_replace")
+    dm = p.model.diffusion_model
+    patches = p.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert len(patches) == len(dm.double_blocks) + len(dm.single_blocks)
+
+    linear1 = dm.single_blocks[0].linear1
+    lora = {**comfy.utils.load_torch_file(str(tiny_files.qkv_lora)),
+            **_lora("single_blocks.0.linear1", linear1.out_features, linear1.in_features, seed=7)}
+    bypassed, _ = comfy.sd.load_bypass_lora_for_models(p, None, lora, 1.0, 0.0)
+    bypassed_off, _ = comfy.sd.load_bypass_lora_for_models(p_off, None, lora, 1.0, 0.0)
+
+    base = run_loaded(p)
+    with caplog.at_level(logging.WARNING, logger="quantsparse"):
+        fused = run_loaded(bypassed)
+        fused_again = run_loaded(bypassed)
+    off = run_loaded(bypassed_off)
+    lora_blocks = {k: patches[k] for k in (("double_block", 0), ("single_block", 0))}
+    alone = run_loaded(bypassed, transformer_options={"patches_replace": {"dit": lora_blocks}})
+    # Unloading ejected the adapters (ComfyUI assigns the saved bound forward back): the model without the LoRA
+    # runs fused in every block again, as before.
+    assert not any(_hooked(m) for m in (dm.double_blocks[0].img_attn.qkv, dm.single_blocks[0].linear1))
+    base_again = run_loaded(p)
+
+    assert float((fused - base).norm() / base.norm()) > 1e-2  # the LoRA changed the output
+    assert torch.equal(alone, off)
+    rel = float((fused - off).norm() / off.norm())
+    assert rel < (5e-3 if p.model_dtype() == torch.float32 else 3e-2), rel  # the fused-forward bound, as above
+    torch.testing.assert_close(fused_again, fused, rtol=0, atol=0)
+    torch.testing.assert_close(base_again, base, rtol=0, atol=0)
+
+    reasons = {f"{layer} has an injected forward or hooks (e.g. a bypass LoRA): ComfyUI's block forward runs"
+               for layer in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1")}
+    logged = [r.getMessage() for r in caplog.records if "injected forward" in r.getMessage()]
+    assert sorted(logged) == sorted(f"QuantSparse: {r}" for r in reasons), logged  # once each, two runs
+    notes = patches[("double_block", 0)].notes
+    assert all(fn.notes is notes for fn in patches.values())  # one record per model
+    assert notes.fallbacks == {r: 3 for r in reasons}  # two fully fused runs and the run of those two alone
+    others = len(patches) - 2
+    assert notes.fused == 2 * len(patches) + 2 * others  # without the LoRA (twice): every block; with it: the others
+
+
+def test_loader_node_names_every_supported_family_and_the_loaded_model(qs, tiny_files, tmp_path, monkeypatch):
+    """The node's description and output tooltip name every family a checkpoint can hold (not HunyuanVideo alone),
+    and the text under the node names the model the file holds, by its family's adapter."""
+    import folder_paths
+    from safetensors.torch import save_file
+
+    from comfyui_quantsparse.nodes.loader import QuantSparseLoader
+    from comfyui_quantsparse.quantsparse.checkpoint.convert import convert_file
+    from comfyui_quantsparse.quantsparse.checkpoint.format import validate_checkpoint
+    from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
+    from comfyui_quantsparse.quantsparse.models import registry
+    from comfyui_quantsparse.quantsparse.models.wan.dims import WanDims
+
+    schema = QuantSparseLoader.define_schema()
+    titles = [a.title for a in registry.adapters()]
+    assert len(titles) >= 2 and all(t in schema.description and t in schema.outputs[0].tooltip for t in titles), (
+        schema.description, schema.outputs[0].tooltip)
+    assert "(quantized HunyuanVideo)" not in schema.description
+
+    folder = tmp_path / "quantsparse"
+    folder.mkdir()
+    wan_bf16 = tmp_path / "wan_bf16.safetensors"
+    save_file(registry.by_name("wan").random_state_dict(WanDims.tiny("i2v", in_dim=36), seed=3), str(wan_bf16))
+    convert_file(wan_bf16, folder / "wan_i2v_w4a8.safetensors", QuantSparseConfig(bits="w4a8"))
+    (folder / tiny_files.w4a8.name).write_bytes(tiny_files.w4a8.read_bytes())
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "quantsparse", ([str(folder)], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    for name, family in ((tiny_files.w4a8.name, "hunyuan_video"), ("wan_i2v_w4a8.safetensors", "wan")):
+        info = validate_checkpoint(folder / name)
+        assert info.adapter.name == family
+        out = QuantSparseLoader.execute(name)
+        text = "\n".join(out.ui.as_dict()["text"])
+        assert f"base: {info.adapter.variant(info.dims)};" in text, text
+        assert "quantized Linears" in text, text
