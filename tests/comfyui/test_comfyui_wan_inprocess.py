@@ -1,11 +1,21 @@
-"""Wan through the Load QuantSparse Model path, ComfyUI's own model code driven in this process (CPU).
+"""Wan through the Load QuantSparse Model path, ComfyUI's own model code driven in this process.
+
+Where a test runs the model as ComfyUI would, it loads it as ComfyUI's samplers do
+(``comfy.model_management.load_models_gpu``: to ``get_torch_device()``, the GPU where there is one, in the
+dtype ComfyUI picks there, FP16 for Wan on recent NVIDIA GPUs; the CPU in float32 here) and feeds it inputs
+on that device, so a bypass LoRA's weights and the quantized kernels are where ComfyUI puts them. A test that
+checks a kernel against ComfyUI's math runs the kernel on ``kernel_device`` (CUDA on a GPU, the Triton
+interpreter on this CPU). The block-level comparisons run on the CPU in float32 / BF16 / FP16 (the eager
+references of the kernels, whose roundings the bounds below describe) and, on a GPU, again with the model
+loaded there (the Triton kernels).
 
 Every Wan variant users run, at tiny dims (``WanDims.tiny``: two blocks of 256 channels, two heads of
 128, text width 4096): T2V, Wan 2.1 I2V with the CLIP image branch (36 input channels, 257 CLIP tokens
 in the cross-attention), a Wan 2.2 A14B expert (36 input channels, no CLIP) and TI2V-5B (48 channels,
 per-frame timesteps from a denoise mask: the per-token modulation path).
 
-Accuracy bounds (measured on torch 2.13 CPU, ComfyUI 0.29.0, where ComfyUI holds the model in float32):
+Accuracy bounds (measured on torch 2.13 CPU, ComfyUI 0.29.0, where ComfyUI holds the model in float32; on a GPU,
+where it holds Wan in FP16, the 16-bit bounds apply):
 
 - against ComfyUI's stock model built from the same checkpoint's weights dequantized (each quantized
   Linear's ``effective_weight``): the weights are then the same, so what is left is the round-to-nearest
@@ -26,6 +36,7 @@ Accuracy bounds (measured on torch 2.13 CPU, ComfyUI 0.29.0, where ComfyUI holds
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
 from dataclasses import dataclass
@@ -100,13 +111,38 @@ def model_inputs(name: str, seed: int = 1, batch: int = 1):
     return x, torch.full((batch,), 0.7), kw
 
 
-def apply(patcher, name, fused: bool, seed: int = 1, batch: int = 1, options=None) -> torch.Tensor:
+def apply(patcher, name, fused: bool, seed: int = 1, batch: int = 1, options=None, device="cpu") -> torch.Tensor:
+    """BaseModel.apply_model on inputs made on the CPU and moved to ``device`` (where the model is loaded: see
+    ``loaded``); the output as float32 on the CPU."""
     x, t, kw = model_inputs(name, seed, batch)
     to = dict(options or {})
     if fused:
         to["patches_replace"] = {"dit": patcher.model_options["transformer_options"]["patches_replace"]["dit"]}
     with torch.no_grad():
-        return patcher.model.apply_model(x, t, transformer_options=to, **kw).float()
+        out = patcher.model.apply_model(x.to(device), t.to(device), transformer_options=to,
+                                        **{k: v.to(device) for k, v in kw.items()})
+    return out.float().cpu()
+
+
+@contextlib.contextmanager
+def loaded(patcher):
+    """``patcher`` loaded as ComfyUI's samplers load a model (``model_management.load_models_gpu``: its weights on
+    the load device, the GPU where there is one; injections such as a bypass LoRA applied, their weights moved to
+    that device); yields the device, unloads everything afterwards."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    try:
+        assert patcher.load_device == comfy.model_management.get_torch_device()
+        yield patcher.load_device
+    finally:
+        comfy.model_management.unload_all_models()
+
+
+def fused_bound(patcher) -> float:
+    """The model-output bound of the fused forward against ComfyUI's blocks in the dtype ComfyUI holds the model in
+    (float32 on the CPU; FP16 / BF16 on a GPU, where ComfyUI rounds after each elementwise step)."""
+    return FUSED_BOUND if patcher.model_dtype() == torch.float32 else FUSED_BF16_BOUND
 
 
 def rel(a, b) -> float:
@@ -125,7 +161,9 @@ def notes_of(patcher):
 def test_loader_builds_comfyuis_wan_with_our_layers(qs, wan_files, name):
     import comfy.ldm.wan.model
     import comfy.model_base
+    import comfy.model_management
     import comfy.supported_models
+    from comfyui_quantsparse import kernels
     from comfyui_quantsparse.quantsparse.checkpoint.format import validate_checkpoint
 
     f = wan_files[name]
@@ -157,7 +195,7 @@ def test_loader_builds_comfyuis_wan_with_our_layers(qs, wan_files, name):
                                                                                    layer.in_features)
 
     # The size summary: the quantized Linears against BF16 (4-bit codes + scales, smoothing, BF16 bias), the
-    # model against itself unquantized in ComfyUI's dtype (float32 on this CPU).
+    # model against itself unquantized in ComfyUI's dtype (float32 on the CPU, FP16 on a recent NVIDIA GPU).
     assert summary.model_bytes == p.model_size()
     assert summary.quantized_layers == len(info.layers) and summary.kinds == {"w4a8": 16, "w4a16": len(weight_only)}
     assert 3.5 < summary.quantized_bf16_bytes / summary.quantized_bytes < 4.0
@@ -165,13 +203,24 @@ def test_loader_builds_comfyuis_wan_with_our_layers(qs, wan_files, name):
     assert summary.dtype == str(p.model_dtype()).removeprefix("torch.")
     text = summary.text()
     assert "quantized Linears" in text and "x smaller" in text and "fused in 2 of 2 blocks" in text, text
-    assert "kernels on cpu: w4a16, w4a8: the eager PyTorch references" in text, text
+    # Where ComfyUI runs the model (its load device) and what the quantized Linears run there: the Triton kernels
+    # on a GPU, the eager references on the CPU (the interpreter is for tests, not users).
+    device = comfy.model_management.get_torch_device()
+    assert p.load_device == device and summary.device == str(device)
+    assert f"stay {summary.dtype} as ComfyUI holds them on {device})" in text, text
+    if device.type == "cuda" and kernels.HAS_TRITON:
+        assert (f"kernels on {device}: w4a16: the Triton weight-only INT4 GEMM; w4a8: Triton INT8 activation "
+                "quantization + integer GEMM") in text, text
+    else:
+        assert f"kernels on {device}: w4a16, w4a8: the eager PyTorch references" in text, text
 
     patches = p.model_options["transformer_options"]["patches_replace"]["dit"]
     assert sorted(patches) == [("double_block", i) for i in range(len(dm.blocks))]
     assert all(isinstance(fn, qs.fused_wan.FusedWanBlock) for fn in patches.values())
-    out = apply(p, name, fused=True)
+    with loaded(p) as device:
+        out = apply(p, name, fused=True, device=device)
     assert out.shape == (1, f.dims.out_dim, *LATENT) and torch.isfinite(out).all() and out.std() > 0
+    assert notes_of(p).fused == len(dm.blocks) and not notes_of(p).fallbacks
 
 
 def dequantized_state_dict(path) -> dict[str, torch.Tensor]:
@@ -225,8 +274,9 @@ def block_wrap_for(block, context_img_len):
     return block_wrap
 
 
-def block_case(dm, name, batch, dtype, vec_dims, seed=0):
-    """Inputs of one block as forward_orig makes them: x [B, L, C], e0, the RoPE table, the embedded context."""
+def block_case(dm, name, batch, dtype, vec_dims, seed=0, device="cpu"):
+    """Inputs of one block as forward_orig makes them: x [B, L, C], e0, the RoPE table, the embedded context (made
+    on the CPU, then moved to ``device``)."""
     g = torch.Generator().manual_seed(seed)
     c, n = dm.dim, GRID[0] * GRID[1] * GRID[2]
     x = torch.randn(batch, n, c, generator=g).to(dtype)
@@ -237,6 +287,7 @@ def block_case(dm, name, batch, dtype, vec_dims, seed=0):
     freqs = dm.rope_encode(*LATENT, device=x.device, dtype=dtype)
     clip = CLIP_TOKENS if name == "i2v" else 0
     context = torch.randn(batch, clip + TEXT_TOKENS, c, generator=g).to(dtype)
+    x, e0, freqs, context = (t.to(device) for t in (x, e0, freqs, context))
     return x, e0, freqs, context, (clip if name == "i2v" else None)
 
 
@@ -255,18 +306,36 @@ def comfy_rounding_ln_mod(x, shift, scale, smooth=None, qmax=127, rotate=True, *
     return kernels.act_quant(y, smooth, qmax, rotate)
 
 
+def comfy_norm_rope(x, weight, eps, freqs, heads, out=None):
+    """kernels.wan_qk_norm_rope as ComfyUI's WanSelfAttention computes it (its RMSNorm's ``rms_norm`` over the full
+    width, the view, ``apply_rope1``). On the CPU the kernel's eager reference is this bit for bit
+    (test_norm_rope_kernel_matches_comfyuis_norm_and_apply_rope1); on a GPU the Triton kernel sums the squares in
+    another order than torch's CUDA rms_norm, and a difference in the last float32 place can flip an INT8 code of
+    the next quantized Linear (o), so the exact comparison puts ComfyUI's own calls in its place there."""
+    import comfy.ldm.flux.math
+
+    b, n, c = x.shape
+    y = torch.nn.functional.rms_norm(x, (c,), weight.to(x.dtype), eps)
+    y = comfy.ldm.flux.math.apply_rope1(y.view(b, n, heads, c // heads), freqs).view(b, n, c)
+    return y if out is None else out.copy_(y)
+
+
+@pytest.mark.parametrize("where", ["cpu", pytest.param("load_device", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name,batch,dtype,vec_dims", [
     ("t2v", 2, torch.float32, 4), ("t2v", 1, torch.float32, 3), ("i2v", 2, torch.float32, 4),
     ("ti2v", 2, torch.float32, 4), ("t2v", 2, torch.bfloat16, 4), ("i2v", 1, torch.bfloat16, 4),
     ("ti2v", 1, torch.bfloat16, 4), ("t2v", 1, torch.float16, 4), ("ti2v", 2, torch.float16, 4)])
-def test_fused_block_matches_comfyuis_block_forward(qs, wan_files, monkeypatch, name, batch, dtype, vec_dims):
+def test_fused_block_matches_comfyuis_block_forward(qs, wan_files, monkeypatch, name, batch, dtype, vec_dims, where):
     """Each block's fused forward against ComfyUI's WanAttentionBlock.forward on the same quantized layers:
     T2V, I2V with CLIP tokens, TI2V's per-frame modulation rows; e0 as [B, T, 6, C] (what forward_orig makes)
     and [B, 6, C]; float32, BF16 and FP16 (ComfyUI runs Wan in FP16 on NVIDIA GPUs of compute capability 8 and
     up: WAN21_T2V lists it first among its inference dtypes). The three QKV GEMMs share one activation quantization. In float32, with
     the LayerNorm + modulation rounded as ComfyUI rounds it before the same quantization, the fused block is
     ComfyUI's block to float32 precision: everything else (modulation rows, gates, the norm + RoPE kernel, the
-    cross-attention, the FFN, the residuals) is ComfyUI's math."""
+    cross-attention, the FFN, the residuals) is ComfyUI's math. ``where``: the CPU (the kernels' eager references,
+    the model as loaded, not moved), or, on a GPU, the model loaded there as ComfyUI loads it (the Triton kernels;
+    ComfyUI's own block too runs there, so both sides see the GPU's float math; the exact float32 comparison puts
+    ComfyUI's norm + RoPE calls in place of the Triton one there, ``comfy_norm_rope``)."""
     from comfyui_quantsparse import kernels
 
     calls = {"act_quant_ln_mod": 0, "wan_qk_norm_rope": 0, "act_quant": 0}
@@ -274,30 +343,36 @@ def test_fused_block_matches_comfyuis_block_forward(qs, wan_files, monkeypatch, 
         real = getattr(kernels, fn)
         monkeypatch.setattr(kernels, fn, (lambda real, fn: lambda *a, **k: calls.__setitem__(fn, calls[fn] + 1)
                                           or real(*a, **k))(real, fn))
-    spied_ln_mod = kernels.act_quant_ln_mod
+    spied_ln_mod, spied_norm_rope = kernels.act_quant_ln_mod, kernels.wan_qk_norm_rope
     p, _ = qs.model.load_quantsparse_model(str(wan_files[name].w4a8))
     dm = p.model.diffusion_model
     patches = p.model_options["transformer_options"]["patches_replace"]["dit"]
     errors = []
-    for i, block in enumerate(dm.blocks):
-        x, e0, freqs, context, clip = block_case(dm, name, batch, dtype, vec_dims, seed=i)
-        args = {"txt": context, "vec": e0, "pe": freqs, "transformer_options": {}}
-        extra = {"original_block": block_wrap_for(block, clip)}
-        with torch.no_grad():
-            want = block(x.clone(), e=e0, freqs=freqs, context=context, context_img_len=clip, transformer_options={})
-            for k in calls:
-                calls[k] = 0
-            fused = patches[("double_block", i)]({"img": x.clone(), **args}, extra)["img"]
-            # one LayerNorm+modulation+quantization for q/k/v, one for cross_attn.q, one for ffn.0; the
-            # norm+RoPE kernel for q and k; the plain activation kernel only for o, cross_attn.o and ffn.2
-            assert calls == {"act_quant_ln_mod": 3, "wan_qk_norm_rope": 2, "act_quant": 3}, calls
-            if dtype == torch.float32:
-                monkeypatch.setattr(kernels, "act_quant_ln_mod", comfy_rounding_ln_mod)
-                same_codes = patches[("double_block", i)]({"img": x.clone(), **args}, extra)["img"]
-                monkeypatch.setattr(kernels, "act_quant_ln_mod", spied_ln_mod)
-                assert rel(same_codes, want) < 1e-6, rel(same_codes, want)
-        assert fused.dtype == want.dtype == dtype and fused.shape == want.shape
-        errors.append(rel(fused, want))
+    with (loaded(p) if where == "load_device" else contextlib.nullcontext("cpu")) as device:
+        for i, block in enumerate(dm.blocks):
+            x, e0, freqs, context, clip = block_case(dm, name, batch, dtype, vec_dims, seed=i, device=device)
+            args = {"txt": context, "vec": e0, "pe": freqs, "transformer_options": {}}
+            extra = {"original_block": block_wrap_for(block, clip)}
+            with torch.no_grad():
+                want = block(x.clone(), e=e0, freqs=freqs, context=context, context_img_len=clip,
+                             transformer_options={})
+                for k in calls:
+                    calls[k] = 0
+                fused = patches[("double_block", i)]({"img": x.clone(), **args}, extra)["img"]
+                # one LayerNorm+modulation+quantization for q/k/v, one for cross_attn.q, one for ffn.0; the
+                # norm+RoPE kernel for q and k; the plain activation kernel only for o, cross_attn.o and ffn.2
+                assert calls == {"act_quant_ln_mod": 3, "wan_qk_norm_rope": 2, "act_quant": 3}, calls
+                if dtype == torch.float32:
+                    monkeypatch.setattr(kernels, "act_quant_ln_mod", comfy_rounding_ln_mod)
+                    if device != "cpu":  # the Triton norm + RoPE is not bitwise torch's CUDA kernels: see above
+                        monkeypatch.setattr(kernels, "wan_qk_norm_rope", comfy_norm_rope)
+                    same_codes = patches[("double_block", i)]({"img": x.clone(), **args}, extra)["img"]
+                    monkeypatch.setattr(kernels, "act_quant_ln_mod", spied_ln_mod)
+                    monkeypatch.setattr(kernels, "wan_qk_norm_rope", spied_norm_rope)
+                    assert rel(same_codes, want) < 1e-6, rel(same_codes, want)
+            assert fused.dtype == want.dtype == dtype and fused.shape == want.shape
+            assert fused.device == want.device == torch.device(device)
+            errors.append(rel(fused, want))
     assert max(errors) < (FUSED_BLOCK_BOUND if dtype == torch.float32 else FUSED_BF16_BOUND), errors
     assert not notes_of(p).fallbacks
 
@@ -319,9 +394,12 @@ def test_uneven_frames_fall_back_to_comfyuis_block_and_say_so(qs, wan_files, cap
     assert "64 tokens for 3 modulation rows" in caplog.text and "ComfyUI's block forward runs" in caplog.text
 
 
-def test_norm_rope_kernel_matches_comfyuis_norm_and_apply_rope1(qs, wan_files):
-    """kernels.wan_qk_norm_rope (reference, and the Triton kernel under the interpreter in FP16) against the
-    real self_attn.norm_q module and comfy.ldm.flux.math.apply_rope1 on WanModel.rope_encode's table."""
+def test_norm_rope_kernel_matches_comfyuis_norm_and_apply_rope1(qs, wan_files, kernel_device):
+    """kernels.wan_qk_norm_rope against the real self_attn.norm_q module and comfy.ldm.flux.math.apply_rope1 on
+    WanModel.rope_encode's table, computed by ComfyUI on the CPU: the eager reference bit for bit, the Triton
+    kernel on ``kernel_device`` (the GPU, or the interpreter on this CPU) in float32, FP16 and BF16 to within the
+    last place or two of its output dtype (float32: its sums run in another order; FP16 as before; BF16, whose last
+    place is 8x FP16's, twice FP16's bound: the norm's rounding to BF16 can land either side of a boundary)."""
     import comfy.ldm.flux.math
     import comfy.ops
     from comfyui_quantsparse.kernels.wan_qk_norm_rope import wan_qk_norm_rope_reference, wan_qk_norm_rope_triton
@@ -340,50 +418,62 @@ def test_norm_rope_kernel_matches_comfyuis_norm_and_apply_rope1(qs, wan_files):
             want = comfy.ldm.flux.math.apply_rope1(norm(q).view(2, n, heads, c // heads), freqs).view(2, n, c)
         got = wan_qk_norm_rope_reference(q, norm.weight.to(dtype), norm.eps, freqs, heads)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-        if dtype == torch.float16:
-            kernel = wan_qk_norm_rope_triton(q, norm.weight, norm.eps, freqs, heads)
-            torch.testing.assert_close(kernel.float(), want.float(), rtol=1e-2, atol=2e-2)
+        dev = torch.device(kernel_device)
+        kernel = wan_qk_norm_rope_triton(q.to(dev), norm.weight.to(dev), norm.eps, freqs.to(dev), heads)
+        assert kernel.device.type == dev.type and kernel.dtype == dtype
+        tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(kernel.cpu().float(), want.float(), rtol=tol, atol=2 * tol)
 
 
 # ---------------------------------------------------------------------------------------------- paths
 
 
-def test_weight_only_layers_run_the_weight_only_gemm(qs, wan_files, monkeypatch, caplog):
+def test_weight_only_layers_run_the_weight_only_gemm(qs, wan_files, monkeypatch, caplog, kernel_device):
     """Cross-attention k / v (and the CLIP k_img / v_img) and the time projection go to kernels.w4a16_gemm with
-    their BF16 / float inputs; with the Triton kernels selected that is the weight-only Triton GEMM (interpreted
-    here), never a dequantized copy. Without them the log says, once per kind and device."""
+    their BF16 / float inputs; with the Triton kernels selected that is the weight-only Triton GEMM, never a
+    dequantized copy: on a GPU by default, on this CPU when forced (the interpreter). Without them the log says,
+    once per kind and device."""
     from comfyui_quantsparse import kernels
 
     monkeypatch.setattr(qs.ops, "_ROUTES_LOGGED", set())
-    seen = []
-    real = kernels.w4a16_gemm
+    seen, triton_calls = [], []
+    real, real_triton = kernels.w4a16_gemm, kernels.w4a16_gemm_triton
     monkeypatch.setattr(kernels, "w4a16_gemm", lambda x, *a, **k: seen.append(tuple(x.shape)) or real(x, *a, **k))
+    monkeypatch.setattr(kernels, "w4a16_gemm_triton", lambda *a, **k: triton_calls.append(1) or real_triton(*a, **k))
     p, _ = qs.model.load_quantsparse_model(str(wan_files["i2v"].w4a8))
-    with caplog.at_level(logging.INFO, logger="quantsparse"):
-        apply(p, "i2v", fused=True)
-        apply(p, "i2v", fused=True)
+    with loaded(p) as device, caplog.at_level(logging.INFO, logger="quantsparse"):
+        apply(p, "i2v", fused=True, device=device)
+        apply(p, "i2v", fused=True, device=device)
     blocks = len(p.model.diffusion_model.blocks)
     c = p.model.diffusion_model.dim
     per_call = [(1, c)] + [(TEXT_TOKENS, c)] * 2 * blocks + [(CLIP_TOKENS, c)] * 2 * blocks
     assert sorted(seen) == sorted(per_call * 2)
     logged = [r.getMessage() for r in caplog.records if "run the eager PyTorch references" in r.getMessage()]
-    assert len(logged) == 2 and {m.split()[1] for m in logged} == {"w4a8", "w4a16"}, logged
+    if device.type == "cuda" and kernels.HAS_TRITON:  # the fast path, every call: nothing to say
+        assert len(triton_calls) == len(seen) and not logged, logged
+    else:  # the CPU without forcing: the references, said once per kind
+        assert not triton_calls
+        assert len(logged) == 2 and {m.split()[1] for m in logged} == {"w4a8", "w4a16"}, logged
+        assert all(f" on {device} run " in m for m in logged), logged
 
+    # Forced Triton against the forced reference on the same layer, where the kernel runs (the layer's tensors
+    # follow the input there, as in low-VRAM mode).
+    dev = torch.device(kernel_device)
     ca = p.model.diffusion_model.blocks[0].cross_attn
-    context = torch.randn(1, TEXT_TOKENS, c, generator=torch.Generator().manual_seed(4)).to(torch.float16)
+    context = torch.randn(1, TEXT_TOKENS, c, generator=torch.Generator().manual_seed(4)).to(torch.float16).to(dev)
     monkeypatch.setenv("QUANTSPARSE_KERNELS", "triton")
-    triton_calls = []
-    real_triton = kernels.w4a16_gemm_triton
-    monkeypatch.setattr(kernels, "w4a16_gemm_triton", lambda *a, **k: triton_calls.append(1) or real_triton(*a, **k))
-    assert qs.ops.kernel_route("w4a16", "cpu") == (True, "the Triton weight-only INT4 GEMM (interpreted on the CPU)")
+    triton_calls.clear()
+    interpreted = " (interpreted on the CPU)" if dev.type == "cpu" else ""
+    assert qs.ops.kernel_route("w4a16", dev) == (True, "the Triton weight-only INT4 GEMM" + interpreted)
     with torch.no_grad():
         fast = ca.k(context)
     monkeypatch.setenv("QUANTSPARSE_KERNELS", "reference")
     with torch.no_grad():
         slow = ca.k(context)
     assert triton_calls == [1]
-    torch.testing.assert_close(fast.float(), slow.float(), rtol=1e-2, atol=1e-2)
-    fast_route, what = qs.ops.kernel_route("w4a16", "cpu")
+    assert fast.device.type == slow.device.type == dev.type
+    torch.testing.assert_close(fast.float().cpu(), slow.float().cpu(), rtol=1e-2, atol=1e-2)
+    fast_route, what = qs.ops.kernel_route("w4a16", dev)
     assert not fast_route and "QUANTSPARSE_KERNELS=reference" in what and "dequantized at every call" in what
 
 
@@ -400,14 +490,19 @@ def test_lowvram_streaming_matches_full_load_with_the_fused_forward(qs, wan_file
     p, _ = qs.model.load_quantsparse_model(str(wan_files["i2v"].w4a8))
     device = comfy.model_management.get_torch_device()
     p.load(device, full_load=True)
-    full = apply(p, "i2v", fused=True)
-    p.detach()
+    try:
+        full = apply(p, "i2v", fused=True, device=device)
+    finally:
+        p.detach()
     p.load(device, lowvram_model_memory=64 * 1024, full_load=False)
     try:
         assert p.model.model_lowvram
-        low = apply(p, "i2v", fused=True)
+        if device.type != "cpu":  # the streamed layers stay on the host and come to the GPU per call
+            assert any(m.weight.device.type == "cpu" for m in qs.ops.quantized_modules(p.model).values())
+        low = apply(p, "i2v", fused=True, device=device)
     finally:
         p.detach()
+    assert notes_of(p).fused == 2 * len(p.model.diffusion_model.blocks) and not notes_of(p).fallbacks
     torch.testing.assert_close(low, full, rtol=0, atol=0)
 
 
@@ -420,25 +515,40 @@ def _lora(prefix, out_features, in_features, seed, rank=4):
 
 def test_bypass_lora_on_self_attention_q_runs_comfyuis_block(qs, wan_files, caplog):
     """ComfyUI's bypass LoRA replaces the layer's forward; the fused block would skip it by calling the GEMM
-    directly, so that block runs ComfyUI's forward (logged) and the LoRA applies; the other block stays fused."""
+    directly, so that block runs ComfyUI's forward (logged) and the LoRA applies; the other block stays fused.
+    Each model is loaded as ComfyUI's samplers load it (load_models_gpu), which injects the bypass adapter with
+    its weights on the load device, where the activations are."""
     import comfy.sd
 
     p, _ = qs.model.load_quantsparse_model(str(wan_files["t2v"].w4a8))
     c = p.model.diffusion_model.dim
     bypassed, _ = comfy.sd.load_bypass_lora_for_models(p, None, _lora("blocks.0.self_attn.q", c, c, 5), 1.0, 0.0)
-    base = apply(p, "t2v", fused=True)
-    bypassed.patch_model()
-    try:
+    with loaded(p) as device:
+        base = apply(p, "t2v", fused=True, device=device)
+    q = p.model.diffusion_model.blocks[0].self_attn.q
+    with loaded(bypassed) as device:
+        assert qs.fused_wan._hooked(q)  # the adapter is in
         with caplog.at_level(logging.WARNING, logger="quantsparse"):
-            fused = apply(bypassed, "t2v", fused=True)
-        plain = apply(bypassed, "t2v", fused=False)
-    finally:
-        bypassed.unpatch_model()
+            fused = apply(bypassed, "t2v", fused=True, device=device)
+        plain = apply(bypassed, "t2v", fused=False, device=device)
+        # Only block 0's fused entry installed: it falls back to ComfyUI's block, so the model is ComfyUI's own
+        # forward throughout, bit for bit.
+        only_0 = {("double_block", 0): bypassed.model_options["transformer_options"]["patches_replace"]["dit"][
+            ("double_block", 0)]}
+        alone = apply(bypassed, "t2v", fused=False, device=device, options={"patches_replace": {"dit": only_0}})
+    # Unloading ejected the adapter (ComfyUI assigns the saved bound forward back): without the LoRA the model runs
+    # fused in both blocks again, as before.
+    assert not qs.fused_wan._hooked(q)
+    with loaded(p) as device:
+        base_again = apply(p, "t2v", fused=True, device=device)
+    torch.testing.assert_close(base_again, base, rtol=0, atol=0)
     assert rel(fused, base) > 1e-2  # the LoRA changed the output
-    assert rel(fused, plain) < FUSED_BOUND
+    assert rel(fused, plain) < fused_bound(p)
+    assert torch.equal(alone, plain)
     assert "blocks.0.self_attn.q has an injected forward or hooks" in caplog.text
     notes = notes_of(bypassed)
-    assert sum(notes.fallbacks.values()) == 1 and notes.fused >= 2  # block 1 fused in both runs
+    assert notes is notes_of(p) and sum(notes.fallbacks.values()) == 2  # block 0 in the fused run and alone
+    assert notes.fused == 2 + 1 + 2  # base: both blocks; with the LoRA: block 1; base again: both
 
 
 # ---------------------------------------------------------------------------------------------- sparse attention
