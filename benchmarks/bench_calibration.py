@@ -95,7 +95,7 @@ def main() -> int:
         dims, device, dtype = HunyuanVideoDims.full(), "cuda", torch.bfloat16
         settings = CalibSettings(epochs=args.epochs, density=args.density)
         name = "calibration_h100.json"
-    _, _, t, h, w = latent_shape(args.width, args.height, args.frames)
+    _, _, t, h, w = latent_shape(args.width, args.height, args.frames, dims.in_channels)
     grid = (t, h // 2, w // 2)
     print(f"{dims.hidden_size} hidden, {dims.num_heads} heads; {math.prod(grid)} video + {args.txt} text tokens "
           f"(grid {grid}); {args.samples} samples x {args.epochs} epochs; density {args.density}; {device}")

@@ -165,9 +165,10 @@ def fill_random_(model: torch.nn.Module, device: torch.device, seed: int) -> int
 
 
 def flow_sigmas(steps: int, device) -> torch.Tensor:
-    """A 50-step flow schedule with HunyuanVideo's shift 7 (distinct, descending, ending at 0)."""
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return (SHIFT * t / (1 + (SHIFT - 1) * t)).float().to(device)
+    """ComfyUI's simple schedule with the benchmarked family's shift (what the SSAR refresh plan reads)."""
+    from comfyui_quantsparse.quantsparse.core.schedule import simple_sigmas
+
+    return simple_sigmas(steps, SHIFT).to(device)
 
 
 def make_inputs(latent, txt_len, dims, device, dtype, seed, batch: int = 1) -> SimpleNamespace:

@@ -26,22 +26,28 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..quantsparse.calib.capture import (
-    DEFAULT_GUIDANCE,
     Conditioning,
     capture_plan,
+    check_video_size,
     latent_shape,
     record,
     steps_by_prompt,
 )
 from ..quantsparse.calib.driver import RunOptions, state_fingerprint
-from ..quantsparse.calib.job import CalibrationInfo, calibrate_to_file, capture_fingerprint, worse_than_rtn_lines
+from ..quantsparse.calib.job import (
+    CalibrationInfo,
+    calibrate_to_file,
+    capture_fingerprint,
+    check_calibration_supported,
+    worse_than_rtn_lines,
+)
 from ..quantsparse.calib.provenance import calibration_lines
 from ..quantsparse.calib.settings import CalibSettings
 from ..quantsparse.checkpoint.format import checkpoint_replaceable, validate_checkpoint
 from ..quantsparse.core.config import BIT_SCHEMES
 from ..quantsparse.core.paths import probe_writable
-from ..quantsparse.models.hunyuan_video.dims import HunyuanVideoDims, dims_from_state_dict
-from ..quantsparse.models.hunyuan_video.model import HunyuanVideo
+from ..quantsparse.core.errors import QuantSparseError
+from ..quantsparse.models import registry
 from .folders import FOLDER
 from .model import load_quantsparse_model
 
@@ -58,29 +64,37 @@ DEFAULT_PROMPTS = "\n".join([
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,120}$")
 
 
-def full_state_of(model) -> tuple[HunyuanVideoDims, dict[str, torch.Tensor]]:
-    """The MODEL's dims and weights, checked to be a full-precision HunyuanVideo (a ValueError says what to load)."""
-    base = getattr(model, "model", None)
-    kind = type(base).__name__
-    if kind != "HunyuanVideo":
-        raise ValueError(f"QuantSparse Calibrate needs a HunyuanVideo (T2V) MODEL, but this MODEL is {kind}. Load "
-                         "hunyuan_video_t2v_720p_bf16.safetensors with 'Load Diffusion Model' and connect that.")
-    sd = base.diffusion_model.state_dict()
-    try:
-        dims = dims_from_state_dict({k: tuple(v.shape) for k, v in sd.items()})
-    except ValueError as e:
-        raise ValueError(f"QuantSparse Calibrate needs a HunyuanVideo (T2V) MODEL: {e}") from None
+# The family this node's widgets and defaults are for: the one MSAD calibration supports today.
+FAMILY = next(a for a in registry.adapters() if a.calibration_supported)
+WANTED = f"a full-precision {FAMILY.title} MODEL ({FAMILY.source_files} from 'Load Diffusion Model')"
+
+
+def full_state_of(model):
+    """(adapter, dims, weights) of the MODEL, checked to be a full-precision model of a family MSAD calibrates
+    (a ValueError says what to load instead)."""
+    diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if diffusion_model is None:
+        raise ValueError(f"QuantSparse Calibrate needs {WANTED}, but this MODEL is "
+                         f"{type(getattr(model, 'model', model)).__name__}.")
+    sd = diffusion_model.state_dict()
     low = sorted({str(v.dtype) for k, v in sd.items() if k.endswith(".weight") and v.dtype not in FULL_DTYPES})
     if low:
         raise ValueError(f"QuantSparse Calibrate needs the full-precision model, but this MODEL's weights are {low} "
                          "(already quantized, e.g. fp8 or a QuantSparse checkpoint). Load the BF16 file with "
                          "'Load Diffusion Model' and weight_dtype 'default'.")
-    return dims, sd
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    try:
+        adapter = registry.detect(shapes)
+        dims = adapter.dims_from_shapes(shapes)
+        check_calibration_supported(dims)
+    except (QuantSparseError, ValueError) as e:
+        raise ValueError(f"QuantSparse Calibrate needs {WANTED}: {e}") from None
+    return adapter, dims, sd
 
 
-def full_model_of(dims: HunyuanVideoDims, sd: dict[str, torch.Tensor]) -> HunyuanVideo:
-    """The weights as the torch-only HunyuanVideo (BF16, host) that calibration runs block by block."""
-    m = HunyuanVideo(dims, dtype=torch.bfloat16, device="meta")
+def full_model_of(adapter, dims, sd: dict[str, torch.Tensor]):
+    """The weights as the family's torch-only model (BF16, host) that calibration runs block by block."""
+    m = adapter.build_model(dims, dtype=torch.bfloat16, device="meta")
     m.load_state_dict({k: v.detach().to("cpu", torch.bfloat16) for k, v in sd.items()}, assign=True)
     return m
 
@@ -112,7 +126,7 @@ def check_widgets(file_name, width, height, frames) -> None:
         if not (16 <= width <= 4096 and 16 <= height <= 4096 and 1 <= frames <= 1025):
             raise ValueError(f"width x height x frames {width}x{height}x{frames} is out of range "
                              "(16..4096 x 16..4096 x 1..1025)")
-        latent_shape(width, height, frames)
+        check_video_size(width, height, frames)
     if file_name is None:
         return
     dst = destination(file_name)
@@ -149,7 +163,8 @@ def conditionings(clip, prompts: str, conditioning, guidance: float) -> list[lis
     return [[[c[0], {**c[1], "guidance": guidance}] for c in cond] for cond in out]
 
 
-def capture(model, conds: list, *, width: int, height: int, frames: int, samples: int, steps: int, seed: int):
+def capture(model, conds: list, *, width: int, height: int, frames: int, samples: int, steps: int, seed: int,
+            latent_channels: int):
     """Sample each prompt with ComfyUI's sampler up to its last planned step, recording the model's inputs."""
     plan = capture_plan(samples, len(conds), steps)
     wanted = steps_by_prompt(plan)
@@ -168,7 +183,7 @@ def capture(model, conds: list, *, width: int, height: int, frames: int, samples
 
     m = model.clone()
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
-    latent = torch.zeros(latent_shape(width, height, frames))
+    latent = torch.zeros(latent_shape(width, height, frames, latent_channels))
     for p, cond in enumerate(conds):
         if p not in wanted:
             continue
@@ -220,7 +235,8 @@ class QuantSparseCalibrate(io.ComfyNode):
                 io.String.Input("file_name", default="hunyuan_video_msad_w4a8",
                                 tooltip="Written as models/quantsparse/NAME.safetensors."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
-                io.Float.Input("guidance", default=DEFAULT_GUIDANCE, min=0.0, max=100.0, step=0.1, advanced=True),
+                io.Float.Input("guidance", default=FAMILY.sampling.guidance, min=0.0, max=100.0, step=0.1,
+                               advanced=True),
                 io.Float.Input("lambda_global", default=-1.0, min=-1.0, max=1e9, step=0.01, advanced=True,
                                tooltip="Weight of the pooled-attention loss; -1 = normalised to the output loss."),
                 io.Float.Input("lambda_local", default=-1.0, min=-1.0, max=1e9, step=0.01, advanced=True,
@@ -233,7 +249,8 @@ class QuantSparseCalibrate(io.ComfyNode):
                                  tooltip="Discard the finished blocks in the work folder when they were made with "
                                          "other settings (otherwise the node stops and says which settings differ)."),
             ],
-            outputs=[io.Model.Output(tooltip="The calibrated QuantSparse model (as 'Load QuantSparse Model' loads it).")],
+            outputs=[io.Model.Output(
+                tooltip="The calibrated QuantSparse model (as 'Load QuantSparse Model' loads it).")],
             is_output_node=True,  # it writes a file: a graph of loaders and this node runs
             not_idempotent=True,
         )
@@ -269,15 +286,12 @@ class QuantSparseCalibrate(io.ComfyNode):
         name = output_name(file_name)
         dst = destination(file_name)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        dims, sd = full_state_of(model)
+        adapter, dims, sd = full_state_of(model)
         conds = conditionings(clip, prompts, conditioning, float(guidance))
         info = CalibrationInfo(_base_name(model), len(conds), width, height, frames, steps, float(guidance))
         capture_key = capture_fingerprint(info, samples, [_as_conditioning(c) for c in conds])
-        selected = {k: v.to(torch.bfloat16) for k, v in sd.items() if k.endswith(".weight")
-                    and ("qkv" in k or "linear1" in k or "img_in" in k)}  # what model_fingerprint reads
-        fingerprint = {"model": state_fingerprint(dims.to_dict(), selected), "capture": capture_key,
+        fingerprint = {"model": state_fingerprint(dims, sd, dtype=torch.bfloat16), "capture": capture_key,
                        "settings": settings.to_dict()}
-        del selected
         if os.path.exists(dst) and _recorded_fingerprint(dst) == fingerprint and not restart:
             loaded, summary = load_quantsparse_model(dst)
             text = [f"models/{FOLDER}/{name} already holds this calibration (same model, prompts and settings): "
@@ -286,15 +300,15 @@ class QuantSparseCalibrate(io.ComfyNode):
             return io.NodeOutput(loaded, ui=ui.PreviewText("\n".join(text)))
         source = _source_path(model)
         work = work_folder(file_name)
-        full = full_model_of(dims, sd)
+        full = full_model_of(adapter, dims, sd)
         del sd
-        total = len(full.double_blocks) + len(full.single_blocks)
+        total = len(adapter.calib_blocks(full))
         bar = comfy.utils.ProgressBar(total)
         device = comfy.model_management.get_torch_device()
 
         def capture_samples():
             recorded = capture(model, conds, width=width, height=height, frames=frames, samples=samples,
-                               steps=steps, seed=seed)
+                               steps=steps, seed=seed, latent_channels=adapter.sampling.latent_channels)
             comfy.model_management.unload_all_models()  # calibration holds one block on the device, not the model
             comfy.model_management.soft_empty_cache()
             return recorded

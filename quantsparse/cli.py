@@ -72,7 +72,8 @@ def _add_calibrate(sub) -> None:
     cal.add_argument("--frames", type=int, default=33)
     cal.add_argument("--samples", type=int, default=20, help="calibration samples (default 20, the paper's)")
     cal.add_argument("--steps", type=int, default=20, help="sampling steps of the capture runs (default 20)")
-    cal.add_argument("--guidance", type=float, default=6.0, help="embedded guidance (default 6.0)")
+    cal.add_argument("--guidance", type=float, default=None,
+                     help="embedded guidance (default: the model's, 6.0 for HunyuanVideo)")
     cal.add_argument("--bits", choices=sorted(BIT_SCHEMES), default=d.bits)
     cal.add_argument("--density", type=float, default=d.density,
                      help=f"default sampling density written into the checkpoint (default {d.density})")
@@ -192,7 +193,7 @@ def _convert(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from .calib.capture import capture_plan, latent_shape, sample_and_capture
+    from .calib.capture import capture_plan, check_video_size, sample_and_capture
     from .calib.driver import RunOptions
     from .calib.job import (
         CalibrationInfo,
@@ -213,14 +214,15 @@ def _calibrate(args) -> int:
     settings = CalibSettings(bits=args.bits, density=args.density, sparse_attention=args.sparse_calibration,
                              epochs=args.epochs,
                              lambda_global=args.lambda_global, lambda_local=args.lambda_local, seed=args.seed)
-    latent_shape(args.width, args.height, args.frames)
+    check_video_size(args.width, args.height, args.frames)
     if args.random_prompts is not None and args.random_prompts < 1:
         raise ValueError(f"--random-prompts {args.random_prompts}: give at least 1")
     prompts = args.random_prompts if args.conditioning is None else 1
     capture_plan(args.samples, prompts, args.steps)  # samples / steps >= 1
     device = resolve_device(args.device)
     source = inspect_source(args.src)
-    check_calibration_supported(source.dims)
+    adapter = check_calibration_supported(source.dims)
+    guidance = adapter.sampling.guidance if args.guidance is None else args.guidance
     if args.conditioning:
         conds = load_conditioning(args.conditioning, source.dims.context_in_dim)
     else:
@@ -232,13 +234,13 @@ def _calibrate(args) -> int:
 
     model = load_full_model(source.path)
     info = CalibrationInfo(os.path.basename(args.src), len(conds), args.width, args.height, args.frames, args.steps,
-                           args.guidance)
+                           guidance)
 
     def capture():
         _log(f"capturing {args.samples} samples from {len(conds)} prompt(s) at {args.width}x{args.height}x"
              f"{args.frames}, {args.steps} steps, on {device}")
         return sample_and_capture(model, conds, width=args.width, height=args.height, frames=args.frames,
-                                  samples=args.samples, steps=args.steps, seed=args.seed, guidance=args.guidance,
+                                  samples=args.samples, steps=args.steps, seed=args.seed, guidance=guidance,
                                   device=device)
 
     progress = lambda done, total, key: _log(f"[{done}/{total}] {key} done")  # noqa: E731

@@ -338,7 +338,7 @@ def _broken(sd, how: str):
         return src, f"{layer}.scale_weight is a weight scale without its weight {k}"
     if how == "scale_weight without the marker":
         del src["scaled_fp8"]
-        return src, f"scale_weight is a legacy fp8_scaled weight scale, but the file has no scaled_fp8 marker"
+        return src, "scale_weight is a legacy fp8_scaled weight scale, but the file has no scaled_fp8 marker"
     if how == "scale_weight of a bf16 weight":
         src[k] = sd[k]
         return src, f"{layer}.scale_weight scales {k}, which is bfloat16, not fp8"

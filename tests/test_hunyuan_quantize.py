@@ -27,7 +27,7 @@ from torch import nn
 from comfyui_quantsparse.quantsparse.core.config import WEIGHT_ONLY_SCHEME, QuantSparseConfig
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.model import HunyuanVideo
-from comfyui_quantsparse.quantsparse.models.hunyuan_video.quantize import quantize_model
+from comfyui_quantsparse.quantsparse.models import registry
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
 from comfyui_quantsparse.quantsparse.core.qlinear import QuantizedLinear
 
@@ -56,7 +56,7 @@ def _rel(a, b):
 
 def _run(reference, config, select=None):
     model, inputs, ref = reference
-    q = quantize_model(copy.deepcopy(model), config, select=select)
+    q = registry.adapter_for(TINY).quantize_model(copy.deepcopy(model), config, select=select)
     with torch.no_grad():
         out = q(*inputs)
     assert out.shape == ref.shape and torch.isfinite(out).all()

@@ -185,10 +185,15 @@ def test_ssim_on_known_inputs():
 # ---------------------------------------------------------------------------------------------- sampling
 
 def test_simple_sigmas_follow_comfyui_shifted_schedule():
-    s = ps.simple_sigmas(4)
+    from comfyui_quantsparse.quantsparse.core.schedule import simple_sigmas
+
     shift = 7.0
     want = [shift * t / (1 + (shift - 1) * t) for t in (1.0, 0.75, 0.5, 0.25)] + [0.0]
-    torch.testing.assert_close(s, torch.tensor(want, dtype=torch.float32))
+    torch.testing.assert_close(simple_sigmas(4, shift), torch.tensor(want, dtype=torch.float32))
+    # 30 steps do not divide ComfyUI's table of 1000 sigmas: step i takes entry 1000 - int(i * 1000 / 30)
+    t = [(1000 - int(i * 1000 / 30)) / 1000 for i in range(30)]
+    want30 = [shift * x / (1 + (shift - 1) * x) for x in t] + [0.0]
+    torch.testing.assert_close(simple_sigmas(30, shift), torch.tensor(want30, dtype=torch.float32))
 
 
 @pytest.fixture(scope="module")

@@ -515,7 +515,6 @@ def test_int64_offsets_path_matches_reference(mode, monkeypatch):
     forced on here by a fake 2^31 threshold."""
     import comfyui_quantsparse.kernels.sparse_attention as sa
     device, q, k, v, temporal, grid, txt, blocks, counts = _temporal_lists_case(41)
-    dtype = q.dtype
     kw = dict(txt_len=txt, block_q=16, block_k=16, mode=mode, temporal=temporal, grid=grid)
     plain = block_sparse_attention_triton(q, k, v, blocks, counts, **kw)
     calls = []

@@ -10,7 +10,8 @@ model's chain (``calibrate.prepare_inputs`` and the block outputs), so nothing o
 Sample ``k`` of ``n`` goes to prompt ``k mod P`` at step ``floor((k + 1/2) * steps / n)``: every prompt
 is used and the steps cover the schedule evenly. In ComfyUI the sampler is ComfyUI's own (the node
 records through a DIFFUSION_MODEL wrapper); the command line uses :func:`sample_and_capture`, an Euler
-flow-matching sampler with ComfyUI's ``simple`` schedule and HunyuanVideo's shift 7.
+flow-matching sampler with ComfyUI's ``simple`` schedule and the family's shift and embedded guidance
+(its adapter's ``sampling``).
 """
 
 from __future__ import annotations
@@ -20,25 +21,24 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..models.hunyuan_video.model import HunyuanVideo
+from torch import nn
 
-LATENT_CHANNELS = 16
-DEFAULT_SHIFT = 7.0  # ComfyUI's HunyuanVideo sampling_settings
-DEFAULT_GUIDANCE = 6.0
+from ..core.schedule import simple_sigmas
+from ..models import registry
 
 
-def latent_shape(width: int, height: int, frames: int) -> tuple[int, int, int, int, int]:
-    """``EmptyHunyuanLatentVideo``'s latent for a video of ``width`` x ``height`` x ``frames``."""
+def check_video_size(width: int, height: int, frames: int) -> None:
+    """A size every supported family's VAE (8x spatial, 4x temporal) and patching (2x2) can take."""
     if width % 16 or height % 16 or width < 16 or height < 16:
         raise ValueError(f"calibration width and height must be positive multiples of 16, got {width}x{height}")
     if frames < 1 or (frames - 1) % 4:
         raise ValueError(f"calibration frames must be 1, 5, 9, ... (4k + 1), got {frames}")
-    return (1, LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8)
 
 
-def video_tokens(width: int, height: int, frames: int) -> int:
-    _, _, t, h, w = latent_shape(width, height, frames)
-    return t * (h // 2) * (w // 2)
+def latent_shape(width: int, height: int, frames: int, channels: int) -> tuple[int, int, int, int, int]:
+    """The empty video latent (``EmptyHunyuanLatentVideo``, ``EmptyLatentVideo``) of ``channels`` channels."""
+    check_video_size(width, height, frames)
+    return (1, channels, (frames - 1) // 4 + 1, height // 8, width // 8)
 
 
 @dataclass(frozen=True)
@@ -61,22 +61,23 @@ def steps_by_prompt(plan: Sequence[CapturePoint]) -> dict[int, list[int]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def flow_sigmas(steps: int, shift: float = DEFAULT_SHIFT) -> torch.Tensor:
-    """ComfyUI's ``simple`` schedule on ``ModelSamplingDiscreteFlow(shift)``: ``steps + 1`` sigmas, last 0."""
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
-    sig = shift * t / (1 + (shift - 1) * t)
-    return torch.cat([sig, torch.zeros(1, dtype=torch.float64)]).float()
+def model_inputs(x, timestep, context, y, guidance=None, txt_mask=None) -> dict[str, torch.Tensor]:
+    """One model call's inputs by the names a recorded sample uses (what ``adapter.denoise`` takes)."""
+    out = {"x": x, "timestep": timestep, "context": context, "y": y}
+    if guidance is not None:
+        out["guidance"] = guidance
+    if txt_mask is not None:
+        out["txt_mask"] = txt_mask
+    return out
 
 
 def record(x, timestep, context, y, guidance=None, txt_mask=None) -> dict[str, torch.Tensor]:
-    """One model-level sample on the host (the latent in BF16, like the model's own input)."""
-    out = {"x": x.detach().to("cpu", torch.bfloat16), "timestep": timestep.detach().float().cpu().reshape(-1),
-           "context": context.detach().to("cpu", torch.bfloat16), "y": y.detach().to("cpu", torch.bfloat16)}
-    if guidance is not None:
-        out["guidance"] = guidance.detach().float().cpu().reshape(-1)
-    if txt_mask is not None:
-        out["txt_mask"] = txt_mask.detach().cpu()
-    return out
+    """One model-level sample on the host: latent and text in BF16 (like the model's own input), timestep and
+    guidance as float32 vectors, the mask as given."""
+    host = {"x": lambda t: t.to("cpu", torch.bfloat16), "context": lambda t: t.to("cpu", torch.bfloat16),
+            "y": lambda t: t.to("cpu", torch.bfloat16), "timestep": lambda t: t.float().cpu().reshape(-1),
+            "guidance": lambda t: t.float().cpu().reshape(-1), "txt_mask": lambda t: t.cpu()}
+    return {k: host[k](v.detach()) for k, v in model_inputs(x, timestep, context, y, guidance, txt_mask).items()}
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,18 @@ class Conditioning:
 
 
 @torch.no_grad()
-def sample_and_capture(model: HunyuanVideo, conds: Sequence[Conditioning], *, width: int, height: int, frames: int,
-                       samples: int, steps: int, seed: int = 0, guidance: float = DEFAULT_GUIDANCE,
-                       shift: float = DEFAULT_SHIFT, device="cpu", progress=None) -> list[dict[str, torch.Tensor]]:
-    """Run Euler flow sampling per prompt (stopping after its last planned step) and record the plan's samples."""
-    shape = latent_shape(width, height, frames)
+def sample_and_capture(model: nn.Module, conds: Sequence[Conditioning], *, width: int, height: int, frames: int,
+                       samples: int, steps: int, seed: int = 0, guidance: Optional[float] = None,
+                       shift: Optional[float] = None, device="cpu", progress=None) -> list[dict[str, torch.Tensor]]:
+    """Run Euler flow sampling per prompt (stopping after its last planned step) and record the plan's samples;
+    ``guidance`` and ``shift`` default to the family's (``adapter.sampling``)."""
+    adapter = registry.adapter_for(model.dims)
+    defaults = adapter.sampling
+    guidance = defaults.guidance if guidance is None else guidance
+    shape = latent_shape(width, height, frames, defaults.latent_channels)
     plan = capture_plan(samples, len(conds), steps)
     wanted = steps_by_prompt(plan)
-    sigmas = flow_sigmas(steps, shift)
+    sigmas = simple_sigmas(steps, defaults.shift if shift is None else shift)
     dev = torch.device(device)
     model.to(dev)
     records: dict[tuple[int, int], dict] = {}
@@ -106,7 +111,7 @@ def sample_and_capture(model: HunyuanVideo, conds: Sequence[Conditioning], *, wi
                 continue
             gen = torch.Generator().manual_seed(seed + p)
             x = torch.randn(shape, generator=gen).to(dev) * sigmas[0]
-            g = torch.tensor([guidance], device=dev)
+            g = None if guidance is None else torch.tensor([guidance], device=dev)
             ctx, y = cond.context.to(dev), cond.y.to(dev)
             mask = None if cond.txt_mask is None else cond.txt_mask.to(dev)
             last = max(wanted[p])
@@ -116,7 +121,7 @@ def sample_and_capture(model: HunyuanVideo, conds: Sequence[Conditioning], *, wi
                     records[(p, i)] = record(x, t, ctx, y, g, mask)
                 if i == last:
                     break
-                v = model(x, t, ctx, y, g, mask).float()
+                v = adapter.denoise(model, model_inputs(x, t, ctx, y, g, mask)).float()
                 x = x + (sigmas[i + 1] - sigmas[i]).to(dev) * v
             if progress is not None:
                 progress(p + 1, len(conds))

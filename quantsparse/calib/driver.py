@@ -75,16 +75,20 @@ class RunOptions:
 
 
 def model_fingerprint(model) -> str:
-    """Cheap identity of the weights: dims plus a float64 checksum of every block's first Linear."""
-    return state_fingerprint(model.dims.to_dict(), model.state_dict())
+    """Cheap identity of the weights: dims plus a float64 checksum of the Linears the family's adapter names
+    (``identity_weights``: each block's first)."""
+    return state_fingerprint(model.dims, model.state_dict())
 
 
-def state_fingerprint(dims: dict, state: dict[str, torch.Tensor]) -> str:
-    """``model_fingerprint`` from the dims and a state dict (ComfyUI's own model's, without a copy)."""
-    h = hashlib.sha256(json.dumps(dims, sort_keys=True).encode())
+def state_fingerprint(dims, state: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> str:
+    """``model_fingerprint`` from the dims and a state dict (ComfyUI's own model's, without a copy); ``dtype``
+    casts each weight first, so that a model held in FP16 is the BF16 model calibration runs."""
+    marks = registry.adapter_for(dims).identity_weights
+    h = hashlib.sha256(json.dumps(dims.to_dict(), sort_keys=True).encode())
     for name, t in state.items():
-        if name.endswith(".weight") and ("qkv" in name or "linear1" in name or "img_in" in name):
-            h.update(f"{name}:{float(t.double().sum()):.12e}:{float(t.double().abs().sum()):.12e}".encode())
+        if name.endswith(".weight") and any(m in name for m in marks):
+            t = (t if dtype is None else t.to(dtype)).double()
+            h.update(f"{name}:{float(t.sum()):.12e}:{float(t.abs().sum()):.12e}".encode())
     return h.hexdigest()[:16]
 
 

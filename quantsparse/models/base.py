@@ -7,11 +7,13 @@ converter, sparse attention, SSAR and calibration never name a family: they ask 
 
 - the family's dimensions, read from key shapes and written to and read from checkpoint metadata;
 - every tensor ComfyUI's model of those dimensions holds (names, shapes), and each Linear's kind;
-- the head size, tiny dimensions and random weights (tests, proxy models);
+- the head size, tiny dimensions and random weights (tests, proxy models), its torch model
+  (``build_model``) and that model's Linears quantized (``quantize_model``);
 - for calibration, when the family supports it (``calibration_supported``): a torch model, its blocks in
   order (``BlockRef``), how a model-level sample becomes the first block's inputs, how a block runs on
   its inputs and how its outputs become the next block's inputs, its geometry and RoPE (the ``calib_*``
-  methods);
+  methods), its sampling settings (``sampling``) and one call of its torch model on a recorded
+  model-level sample (``denoise``);
 - for the ComfyUI side, pure functions over ComfyUI's call arguments: what an attention call is, and
   whether it may run sparse and why not (``attention_call``).
 """
@@ -26,6 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from ..core.config import QuantSparseConfig
+from ..core.quantize_model import Learned, quantize_linears
 
 Shapes = Mapping[str, Sequence[int]]
 
@@ -40,6 +43,15 @@ class BlockRef:
     kind: str
     index: int
     module: Any  # the torch block
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How ComfyUI samples a family: what calibration captures with and the proxy trains and samples with."""
+
+    latent_channels: int
+    shift: float  # ModelSamplingDiscreteFlow's shift
+    guidance: Optional[float] = None  # embedded guidance (FluxGuidance's value); None: the family has none
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,8 @@ class ModelAdapter(abc.ABC):
     title: str = ""  # what messages call it, e.g. "HunyuanVideo T2V"
     source_files: str = ""  # the files users download that convert / calibrate take
     calibration_supported: bool = False
+    sampling: Optional[SamplingDefaults] = None  # set by families that calibrate or have a proxy
+    identity_weights: tuple[str, ...] = ()  # name parts of the weights whose checksums identify a model cheaply
 
     # -- finding the family ----------------------------------------------------------------------
 
@@ -121,6 +135,21 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def random_state_dict(self, dims, seed: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
         """Deterministic random weights of ``dims`` in ComfyUI naming."""
+
+    # -- the torch model (calibration, proxies, tests) ------------------------------------------------
+
+    @abc.abstractmethod
+    def build_model(self, dims, dtype: torch.dtype = torch.bfloat16, device=None) -> torch.nn.Module:
+        """The family's torch model of ``dims`` (ComfyUI key names), unquantized."""
+
+    def quantize_model(self, model: torch.nn.Module, config: QuantSparseConfig, *, select=None,
+                       learned: Optional[Learned] = None) -> torch.nn.Module:
+        """``model``'s Linears quantized in place by this family's layer table (see ``quantize_linears``)."""
+        return quantize_linears(model, config, self.layer_kind, select=select, learned=learned)
+
+    def denoise(self, model: torch.nn.Module, sample: Mapping[str, torch.Tensor], attention=None) -> torch.Tensor:
+        """The model's output on one model-level sample (the keys ``calib.capture.record`` writes)."""
+        raise NotImplementedError(f"{self.title}: sampling its torch model is not supported yet")
 
     # -- the ComfyUI side (pure functions over ComfyUI's call arguments) ------------------------------
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 from ..calib.attention import CalibAttention
-from ..models import registry
 from ..core.metrics import psnr, ssim
-from ..models.hunyuan_video.model import HunyuanVideo
+from ..models import registry
 from .sample import CalibrateFn, SampleResult, decode, resolve_calibrate, rtn_calibrate
 
 DATA_RANGE = 2.0
@@ -60,7 +60,7 @@ def compare(results: Sequence[SampleResult], references: Sequence[SampleResult])
     return Quality(sum(p) / len(p), sum(s) / len(s), p, s)
 
 
-def model_bytes(model: HunyuanVideo) -> int:
+def model_bytes(model: nn.Module) -> int:
     """Bytes of every tensor the model holds (what its checkpoint stores)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
@@ -91,7 +91,7 @@ def block_errors(dense, quant, inputs: Sequence[tuple]) -> dict:
     return {k: v / max(len(inputs), 1) for k, v in sums.items()}
 
 
-def calibration_report(model: HunyuanVideo) -> Optional[dict]:
+def calibration_report(model: nn.Module) -> Optional[dict]:
     """What the calibration reported about itself (per-block losses), if anything."""
     rep = getattr(model, "calibration_report", None)
     return rep if isinstance(rep, dict) else None

@@ -14,26 +14,21 @@ import copy
 import tempfile
 from typing import Optional
 
-import torch
 from torch import nn
 
 from ..calib.capture import record
 from ..calib.driver import RunOptions, calibrate_model
 from ..calib.settings import CalibSettings
 from ..core.config import QuantSparseConfig
-from ..core.qlinear import QuantizedLinear
-from ..models.hunyuan_video.layers import layer_kind
-from ..core.config import kind_group_size as layer_group_size, kind_rotate as layer_rotate
-from ..models.hunyuan_video.model import HunyuanVideo
-from ..models.hunyuan_video.quantize import quantize_model
+from ..models import registry
 from .sample import CalibrationOptions, CalibrationSet
 
 POOL_STRIDE = 16  # 320 video tokens -> 20 pooled positions
 SALIENT_TOKENS = 32  # 10% of the tokens, as 256 is of ~2.5k text+video tokens at the paper's smallest size
 
 
-def calibrate_proxy(model: HunyuanVideo, qconfig: QuantSparseConfig, calib: CalibrationSet,
-                    options: Optional[CalibrationOptions] = None) -> HunyuanVideo:
+def calibrate_proxy(model: nn.Module, qconfig: QuantSparseConfig, calib: CalibrationSet,
+                    options: Optional[CalibrationOptions] = None) -> nn.Module:
     """MSAD-calibrated quantized copy of ``model``; ``.calibration_report`` holds the per-block losses."""
     options = options or CalibrationOptions()
     sparse = options.sparse
@@ -49,17 +44,8 @@ def calibrate_proxy(model: HunyuanVideo, qconfig: QuantSparseConfig, calib: Cali
     samples = [record(x, t, ctx, y, g) for x, t, ctx, y, g in calib.inputs]
     with tempfile.TemporaryDirectory(prefix="qs_proxy_msad_") as work:
         result = calibrate_model(model, samples, settings, work, RunOptions(log=options.log))
-    quant = copy.deepcopy(model)
-    for name, mod in list(quant.named_modules()):
-        kind = layer_kind(name, qconfig) if isinstance(mod, nn.Linear) else None
-        if kind is None or name not in result.params:
-            continue
-        smooth, clip = result.params[name]
-        q = QuantizedLinear.from_linear(mod, kind, group_size=layer_group_size(kind, qconfig),
-                                        rotate=layer_rotate(kind, qconfig), smooth=smooth, clip=clip)
-        parent, _, child = name.rpartition(".")
-        setattr(quant.get_submodule(parent) if parent else quant, child, q)
-    quantize_model(quant, qconfig)  # what calibration does not touch (the text refiner): round-to-nearest
+    # what calibration does not touch (the text refiner) is quantized round-to-nearest
+    quant = registry.adapter_for(model.dims).quantize_model(copy.deepcopy(model), qconfig, learned=result.params)
     quant.calibration_report = {"losses": {k: _curve(m) for k, m in result.blocks.items()}, "blocks": result.blocks,
                                 "x_label": "round-to-nearest, initialisation, calibrated"}
     return quant.eval()

@@ -21,14 +21,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
+from torch import nn
 
+from ..calib.capture import model_inputs
 from ..core.config import QuantSparseConfig
-from ..models.hunyuan_video.model import HunyuanVideo
-from ..models.hunyuan_video.quantize import quantize_model
+from ..core.schedule import simple_sigmas
 from ..sparse.config import SparseConfig
 from ..sparse.override import SparseRun, key_padding_from_mask, sparse_attention_call
 from . import data as pdata
-from .train import GUIDANCE, SHIFT, time_snr_shift
+from .train import GUIDANCE, SHIFT, proxy_adapter
 
 DEFAULT_STEPS = 20
 
@@ -40,14 +41,6 @@ def proxy_sparse_config(density: float = 0.15, ssar_order: int = SparseConfig.ss
     base = dict(density=density, ssar_order=ssar_order, block_q=16, block_k=16)
     base.update(kw)
     return SparseConfig(**base)
-
-
-def simple_sigmas(steps: int, shift: float = SHIFT) -> torch.Tensor:
-    """ComfyUI's "simple" scheduler for ``ModelSamplingDiscreteFlow(shift)``: ``steps + 1`` sigmas ending at 0."""
-    table = time_snr_shift(shift, torch.arange(1, 1001, dtype=torch.float64) / 1000)
-    stride = len(table) / steps
-    sig = [float(table[-(1 + int(i * stride))]) for i in range(steps)] + [0.0]
-    return torch.tensor(sig, dtype=torch.float32)
 
 
 @dataclass(frozen=True)
@@ -67,7 +60,7 @@ def initial_noise(seed: int, latent_frames: int = pdata.LATENT_FRAMES,
     return torch.randn(1, pdata.LATENT_CHANNELS, latent_frames, latent_size, latent_size, generator=g)
 
 
-def _sparse_attention(model: HunyuanVideo, run: SparseRun, step: int, grid, img_len: int):
+def _sparse_attention(model: nn.Module, run: SparseRun, step: int, grid, img_len: int):
     def attn(q, k, v, *, mask=None, block_type="", block_index=0):
         if block_type not in ("double", "single"):
             return model.attention(q, k, v, mask=mask, block_type=block_type, block_index=block_index)
@@ -92,7 +85,7 @@ class SampleResult:
     summary: Optional[dict] = None  # the SparseRun's summary (density, steps by kind, cache) when sparse
 
 
-def sample_clip(model: HunyuanVideo, clip: Clip, *, steps: int = DEFAULT_STEPS, sparse: Optional[SparseConfig] = None,
+def sample_clip(model: nn.Module, clip: Clip, *, steps: int = DEFAULT_STEPS, sparse: Optional[SparseConfig] = None,
                 cfg: float = 1.0, latent_frames: int = pdata.LATENT_FRAMES, latent_size: int = pdata.LATENT_SIZE,
                 trajectory: Optional[list] = None,
                 condition: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> SampleResult:
@@ -112,7 +105,7 @@ def sample_clip(model: HunyuanVideo, clip: Clip, *, steps: int = DEFAULT_STEPS, 
     ctx, y = ctx.to(dev), y.to(dev)
     b = ctx.shape[0]
     guidance = torch.full((b,), GUIDANCE, device=dev)
-    sigmas = simple_sigmas(steps)
+    sigmas = simple_sigmas(steps, SHIFT)
     x = initial_noise(clip.seed, latent_frames, latent_size).to(dev) * sigmas[0]
     grid = (latent_frames, latent_size // 2, latent_size // 2)
     img_len = grid[0] * grid[1] * grid[2]
@@ -127,7 +120,7 @@ def sample_clip(model: HunyuanVideo, clip: Clip, *, steps: int = DEFAULT_STEPS, 
                 if trajectory is not None:
                     trajectory.append((xin[:1].cpu(), t[:1].cpu(), ctx[:1].cpu(), y[:1].cpu(), guidance[:1].cpu()))
                 attn = _sparse_attention(model, run, i, grid, img_len) if run is not None else None
-                v = model(xin, t, ctx, y, guidance, attention=attn).float()
+                v = proxy_adapter().denoise(model, model_inputs(xin, t, ctx, y, guidance), attention=attn).float()
                 if b > 1:  # CFG: uncond + cfg * (cond - uncond)
                     v = v[1:] + cfg * (v[:1] - v[1:])
                 x = x + (s_next - s) * v
@@ -163,21 +156,21 @@ class CalibrationOptions:
 
 
 class CalibrateFn(Protocol):
-    def __call__(self, model: HunyuanVideo, qconfig: QuantSparseConfig, calib: CalibrationSet,
-                 options: CalibrationOptions) -> HunyuanVideo:
+    def __call__(self, model: nn.Module, qconfig: QuantSparseConfig, calib: CalibrationSet,
+                 options: CalibrationOptions) -> nn.Module:
         """A quantized copy of ``model`` (``model`` itself unchanged). May set ``.calibration_report``
         (a dict: per-block losses / errors) on the result for the demo's plot."""
         ...
 
 
-def rtn_calibrate(model: HunyuanVideo, qconfig: QuantSparseConfig, calib: Optional[CalibrationSet] = None,
-                  options: Optional[CalibrationOptions] = None) -> HunyuanVideo:
+def rtn_calibrate(model: nn.Module, qconfig: QuantSparseConfig, calib: Optional[CalibrationSet] = None,
+                  options: Optional[CalibrationOptions] = None) -> nn.Module:
     """Round-to-nearest (smoothing 1, clipping 1): no data; the baseline every calibration starts from."""
-    q = quantize_model(copy.deepcopy(model), qconfig)
+    q = proxy_adapter().quantize_model(copy.deepcopy(model), qconfig)
     return q.eval()
 
 
-def calibration_set(model: HunyuanVideo, n_clips: int, steps: int, *, first_seed: int = 10_000,
+def calibration_set(model: nn.Module, n_clips: int, steps: int, *, first_seed: int = 10_000,
                     stride: int = 1) -> CalibrationSet:
     """Dense trajectories of ``n_clips`` calibration clips (seeds from ``first_seed``, prompts offset from the
     benchmark's), keeping every ``stride``-th step's inputs."""

@@ -30,39 +30,34 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..calib.capture import model_inputs
 from ..core.safetensors_io import write_safetensors
-from ..models.hunyuan_video.dims import HunyuanVideoDims
-from ..models.hunyuan_video.model import HunyuanVideo
+from ..core.schedule import time_snr_shift
+from ..models import registry
 from . import data as pdata
 
-SHIFT = 7.0  # ComfyUI's HunyuanVideo sampling_settings
-GUIDANCE = 6.0
+PROXY_ARCHITECTURE = "hunyuan_video"  # the family of the bundled proxy (issue 17 adds a Wan one)
+SHIFT = registry.by_name(PROXY_ARCHITECTURE).sampling.shift  # ComfyUI's sampling_settings for the family
+GUIDANCE = registry.by_name(PROXY_ARCHITECTURE).sampling.guidance
 TEXT_DROPOUT = 0.1
 METADATA_KEY = "quantsparse_proxy"
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "models" / "proxy" / "hunyuan_video_proxy.safetensors"
 
 
-def proxy_dims() -> HunyuanVideoDims:
-    return HunyuanVideoDims.tiny()
-
-
 def proxy_adapter():
-    """The family of the proxy model (the HunyuanVideo proxy today; issue 17 adds a Wan one)."""
-    from ..models import registry
-
-    return registry.adapter_for(proxy_dims())
+    """The adapter of the proxy's family: its tiny dims, torch model, quantization and model call."""
+    return registry.by_name(PROXY_ARCHITECTURE)
 
 
-def time_snr_shift(shift: float, t: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's sigma warp: ``shift * t / (1 + (shift - 1) * t)``."""
-    return shift * t / (1 + (shift - 1) * t)
+def proxy_dims():
+    return proxy_adapter().tiny_dims()
 
 
-def new_model(seed: int = 0, dtype: torch.dtype = torch.float32, device=None) -> HunyuanVideo:
+def new_model(seed: int = 0, dtype: torch.dtype = torch.float32, device=None) -> nn.Module:
     """A freshly initialised proxy: PyTorch's default Linear init, adaLN-zero (modulations and the output
     layer start at zero, so every block starts as the identity, as DiT trains), norm weights 1."""
     torch.manual_seed(seed)
-    model = HunyuanVideo(proxy_dims(), dtype=dtype, device=device)
+    model = proxy_adapter().build_model(proxy_dims(), dtype=dtype, device=device)
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
             if name.endswith(("mod.lin", "modulation.lin", "adaLN_modulation.1")) or name == "final_layer.linear":
@@ -79,7 +74,7 @@ def draw_sigmas(b: int, gen: torch.Generator) -> torch.Tensor:
     return torch.where(shifted, time_snr_shift(SHIFT, u), u)
 
 
-def flow_loss(model: HunyuanVideo, batch: pdata.Batch, gen: torch.Generator, device) -> torch.Tensor:
+def flow_loss(model: nn.Module, batch: pdata.Batch, gen: torch.Generator, device) -> torch.Tensor:
     """Rectified-flow MSE on velocity for one batch; noise, sigmas and text dropout from ``gen``."""
     x0 = batch.latent
     b = x0.shape[0]
@@ -92,12 +87,13 @@ def flow_loss(model: HunyuanVideo, batch: pdata.Batch, gen: torch.Generator, dev
     ctx = batch.context * keep.view(b, 1, 1)
     y = batch.pooled * keep.view(b, 1)
     dev = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    pred = model(dev(xt), dev(sigma * 1000), dev(ctx), dev(y), dev(torch.full((b,), GUIDANCE)))
+    pred = proxy_adapter().denoise(model, model_inputs(dev(xt), dev(sigma * 1000), dev(ctx), dev(y),
+                                                       dev(torch.full((b,), GUIDANCE))))
     return (pred.float() - dev(target)).square().mean()
 
 
 @torch.no_grad()
-def evaluate_loss(model: HunyuanVideo, batch: pdata.Batch, seed: int = 0) -> float:
+def evaluate_loss(model: nn.Module, batch: pdata.Batch, seed: int = 0) -> float:
     """The flow loss on a fixed batch with fixed noise and sigmas: comparable across training steps."""
     was = model.training
     model.eval()
@@ -168,7 +164,7 @@ def _lr_factor(step: int, progress: float, warmup: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train(cfg: TrainConfig, *, model: Optional[HunyuanVideo] = None, log=print) -> TrainResult:
+def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, log=print) -> TrainResult:
     """Train until ``cfg.minutes`` of wall time or ``cfg.max_steps`` steps; returns the EMA weights."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -242,8 +238,8 @@ def save_proxy(path: str | os.PathLike, state: dict, card: dict, *, dtype: torch
 
 
 def check_proxy_file(path: str | os.PathLike) -> Path:
-    """``path`` as a plain (BF16/FP32) HunyuanVideo to sample from, checked from its header: a QuantSparse
-    checkpoint or another kind of file is refused with what it is, before anything is loaded."""
+    """``path`` as a plain (BF16/FP32) model of the proxy's family to sample from, checked from its header: a
+    QuantSparse checkpoint or another kind of file is refused with what it is, before anything is loaded."""
     from ..checkpoint.format import METADATA_KEY as CHECKPOINT_KEY
     from ..core.errors import QuantSparseError
     from ..core.paths import input_file
@@ -254,27 +250,25 @@ def check_proxy_file(path: str | os.PathLike) -> Path:
     if CHECKPOINT_KEY in (header.metadata or {}):
         raise QuantSparseError(f"--weights {p} is a QuantSparse checkpoint; the demo quantizes the model itself and "
                                f"needs the full-precision proxy (default {DEFAULT_PATH.name}, in models/proxy/).")
-    from ..models import registry
-
     _, shapes = registry.split_prefix(header.shapes)
+    title = proxy_adapter().title
     if not proxy_adapter().claims(shapes):
-        raise QuantSparseError(f"--weights {p} is not a HunyuanVideo model: it looks like "
+        raise QuantSparseError(f"--weights {p} is not a {title} model: it looks like "
                                f"{registry.describe(header.shapes)}. Use the bundled proxy ({DEFAULT_PATH.name}, "
-                               "in models/proxy/) or a HunyuanVideo file.")
+                               f"in models/proxy/) or a {title} file.")
     return p
 
 
 def load_proxy(path: str | os.PathLike = DEFAULT_PATH, dtype: torch.dtype = torch.bfloat16,
-               device="cpu") -> HunyuanVideo:
-    """The proxy as the torch HunyuanVideo (``dtype``), checked against ComfyUI's detection rules."""
+               device="cpu") -> nn.Module:
+    """The proxy as its family's torch model (``dtype``), checked against ComfyUI's detection rules."""
     from safetensors.torch import load_file
-
-    from ..models.hunyuan_video.dims import dims_from_state_dict
 
     path = check_proxy_file(path)
     sd = load_file(str(path))
-    dims = dims_from_state_dict({k: v.shape for k, v in sd.items()})
-    model = HunyuanVideo(dims, dtype=dtype, device=device)
+    adapter = proxy_adapter()
+    dims = adapter.dims_from_shapes({k: v.shape for k, v in sd.items()})
+    model = adapter.build_model(dims, dtype=dtype, device=device)
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
     return model.eval()
 

@@ -120,5 +120,23 @@ def test_a_model_that_is_not_hunyuan_video_is_refused(comfy_inprocess):
     class Patcher:
         model = Flux()
 
-    with pytest.raises(ValueError, match="needs a HunyuanVideo \\(T2V\\) MODEL, but this MODEL is Flux"):
+    with pytest.raises(ValueError, match="needs a full-precision HunyuanVideo T2V MODEL .*, but this MODEL is Flux"):
+        full_state_of(Patcher())
+
+
+def test_a_wan_model_is_refused_with_what_to_do_instead(comfy_inprocess):
+    """Wan is detected through the registry and refused by its adapter (no MSAD calibration for it yet)."""
+    from comfyui_quantsparse.nodes.calibrate import full_state_of
+    from comfyui_quantsparse.quantsparse.models import registry
+
+    wan = registry.by_name("wan")
+
+    class Base:
+        diffusion_model = wan.build_model(wan.tiny_dims(), device="meta")
+
+    class Patcher:
+        model = Base()
+
+    with pytest.raises(ValueError, match="MSAD calibration of Wan .* is not supported yet; make a round-to-nearest "
+                                         "checkpoint of it with `quantsparse convert`"):
         full_state_of(Patcher())

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...core.config import QuantSparseConfig
-from ..base import AttentionCall, BlockRef, ModelAdapter, Shapes
+from ..base import AttentionCall, BlockRef, ModelAdapter, SamplingDefaults, Shapes
 from .dims import HEAD_DIM, TRIGGER_KEY, HunyuanVideoDims, dims_from_state_dict
 from .layers import ARCHITECTURE, layer_kind
 
@@ -28,6 +28,8 @@ class HunyuanVideoAdapter(ModelAdapter):
     title = "HunyuanVideo T2V"
     source_files = "hunyuan_video_t2v_720p_bf16.safetensors"
     calibration_supported = True
+    identity_weights = ("img_in", "qkv", "linear1")  # each block's first Linear and the patch embedding
+    sampling = SamplingDefaults(latent_channels=16, shift=7.0, guidance=6.0)  # ComfyUI's sampling_settings
 
     # -- finding the family
 
@@ -78,6 +80,10 @@ class HunyuanVideoAdapter(ModelAdapter):
         from .model import HunyuanVideo
 
         return HunyuanVideo(dims, dtype=dtype, device=device)
+
+    def denoise(self, model, sample, attention=None) -> torch.Tensor:
+        return model(sample["x"], sample["timestep"], sample["context"], sample["y"], sample.get("guidance"),
+                     sample.get("txt_mask"), attention=attention)
 
     def calib_blocks(self, model) -> list[BlockRef]:
         return ([BlockRef(f"double_{i:02d}", f"double_blocks.{i}", "double", i, b)

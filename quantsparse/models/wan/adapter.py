@@ -37,6 +37,7 @@ class WanAdapter(ModelAdapter):
     title = "Wan 2.1 / 2.2"
     source_files = ("wan2.1_t2v_1.3B / 14B, wan2.1_i2v_480p / 720p_14B, wan2.2_t2v / i2v_high / low_noise_14B, "
                     "wan2.2_ti2v_5B (bf16, fp16, fp8_e4m3fn, fp8_scaled, int8)")
+    identity_weights = ("patch_embedding", "self_attn.q.")  # the patch embedding and each block's first Linear
 
     # -- finding the family
 
