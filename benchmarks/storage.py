@@ -273,13 +273,7 @@ def main() -> None:
     src = work / "hunyuan_video_random_bf16.safetensors"
     record: dict = {
         "config": dims.to_dict(), "dims_name": args.dims,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *[os.path.relpath(a, REPO) if a == __file__ else a
-                                                          for a in sys.argv]]),
-        "machine": {"cpus": os.cpu_count(), "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-                    "platform": platform.platform()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "safetensors": __import__("safetensors").__version__},
+        **_provenance(),
         "weights": f"random (make_random_state_dict distribution, seed {SEED}); sizes depend only on shapes",
     }
     try:

@@ -22,10 +22,12 @@ from comfyui_quantsparse.quantsparse.checkpoint.format import (
 from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
 from comfyui_quantsparse.quantsparse.checkpoint.convert import convert_file
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims
-from comfyui_quantsparse.quantsparse.models.hunyuan_video.layers import layer_kind
+from comfyui_quantsparse.quantsparse.models import registry
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
 from comfyui_quantsparse.quantsparse.core.quantizer import quantize_weight
 from comfyui_quantsparse.quantsparse.core.safetensors_io import read_header, write_safetensors
+
+layer_kind = registry.by_name("hunyuan_video").layer_kind
 
 DIMS = HunyuanVideoDims.tiny()
 CONFIGS = {

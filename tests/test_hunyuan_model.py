@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims, dims_from_state_dict
-from comfyui_quantsparse.quantsparse.models.hunyuan_video.layers import layer_kind
+from comfyui_quantsparse.quantsparse.models import registry
 from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.model import (HunyuanVideo, reference_state_dtypes,
                                                           reference_state_shapes)
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
+
+layer_kind = registry.by_name("hunyuan_video").layer_kind
 
 TINY = HunyuanVideoDims.tiny()
 FULL = HunyuanVideoDims.full()

@@ -13,8 +13,6 @@ cast as ComfyUI's BaseModel casts them) 6e-3.
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
@@ -22,6 +20,8 @@ import torch
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims, dims_from_state_dict
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.model import HunyuanVideo, reference_state_shapes
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.random_weights import make_random_state_dict
+
+from .comfy_checkout import comfy_model_modules
 
 pytestmark = pytest.mark.comfyui
 
@@ -32,27 +32,8 @@ BF16_BOUND = 3e-2  # measured 6e-3: BF16 rounding in a different attention backe
 
 @pytest.fixture(scope="module")
 def comfy():
-    root = os.environ.get("COMFYUI_DIR")
-    if not root:
-        pytest.skip("COMFYUI_DIR is not set: point it at a ComfyUI checkout to compare with ComfyUI's HunyuanVideo")
-    if not os.path.isfile(os.path.join(root, "comfy", "ldm", "hunyuan_video", "model.py")):
-        pytest.fail(f"COMFYUI_DIR={root} has no comfy/ldm/hunyuan_video/model.py; is it a ComfyUI checkout?")
-    # ComfyUI is not a package: its checkout goes on sys.path for this module's tests only.
-    sys.path.insert(0, root)
-    try:
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True  # must precede comfy.model_management on a CPU-only torch
-        import comfy.model_detection
-        import comfy.model_management  # noqa: F401
-        import comfy.ops
-        import comfy.supported_models
-        from comfy.ldm.hunyuan_video.model import HunyuanVideo as ComfyHunyuanVideo
-
-        yield {"model": ComfyHunyuanVideo, "ops": comfy.ops, "detection": comfy.model_detection,
-               "supported": comfy.supported_models}
-    finally:
-        sys.path.remove(root)
+    with comfy_model_modules("hunyuan_video", "HunyuanVideo") as modules:
+        yield modules
 
 
 def _comfy_kwargs(dims: HunyuanVideoDims) -> dict:

@@ -70,6 +70,16 @@ def test_released_variants_are_detected(name, prefix):
     assert WanDims.from_dict(dims.to_dict()) == dims  # what checkpoint metadata stores
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"dim": 256}, r"Wan dimension metadata lacks the fields \['ffn_dim', 'num_heads', 'num_layers', 'in_dim', 'out_dim'\]"),
+    ({**WanDims.tiny().to_dict(), "depth": 3}, r"unknown Wan dimension fields \['depth'\]"),
+    ([256], "Wan dimension metadata must be a JSON object, got list"),
+])
+def test_damaged_dims_metadata_is_a_value_error_naming_the_fields(data, message):
+    with pytest.raises(ValueError, match=message):
+        WanDims.from_dict(data)
+
+
 def test_first_last_frame_model_is_detected():
     assert dims_from_state_dict(_shapes(FLF2V)) == FLF2V
     assert ADAPTER.variant(FLF2V) == "Wan 2.1 FLF2V 14B"

@@ -18,8 +18,6 @@ BaseModel casts them) 4.2e-3 to 5.1e-3.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
 import pytest
 import torch
@@ -29,6 +27,8 @@ from comfyui_quantsparse.quantsparse.models.wan.dims import (
     CLIP_DIM, WanDims, dims_from_state_dict, reference_state_shapes,
 )
 from comfyui_quantsparse.quantsparse.models.wan.model import WanModel
+
+from .comfy_checkout import comfy_model_modules
 
 pytestmark = pytest.mark.comfyui
 
@@ -52,27 +52,8 @@ COMFY_CLASS = {"t2v": "WAN21_T2V", "i2v": "WAN21_I2V", "flf2v": "WAN21_I2V", "i2
 
 @pytest.fixture(scope="module")
 def comfy():
-    root = os.environ.get("COMFYUI_DIR")
-    if not root:
-        pytest.skip("COMFYUI_DIR is not set: point it at a ComfyUI checkout to compare with ComfyUI's WanModel")
-    if not os.path.isfile(os.path.join(root, "comfy", "ldm", "wan", "model.py")):
-        pytest.fail(f"COMFYUI_DIR={root} has no comfy/ldm/wan/model.py; is it a ComfyUI checkout?")
-    # ComfyUI is not a package: its checkout goes on sys.path for this module's tests only.
-    sys.path.insert(0, root)
-    try:
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True  # must precede comfy.model_management on a CPU-only torch
-        import comfy.model_detection
-        import comfy.model_management  # noqa: F401
-        import comfy.ops
-        import comfy.supported_models
-        from comfy.ldm.wan.model import WanModel as ComfyWanModel
-
-        yield {"model": ComfyWanModel, "ops": comfy.ops, "detection": comfy.model_detection,
-               "supported": comfy.supported_models}
-    finally:
-        sys.path.remove(root)
+    with comfy_model_modules("wan", "WanModel") as modules:
+        yield modules
 
 
 def _comfy_kwargs(dims: WanDims) -> dict:

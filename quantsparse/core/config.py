@@ -23,8 +23,9 @@ def qmax(bits: int) -> int:
 
 
 class JsonConfig:
-    """to_dict / from_dict for the frozen config dataclasses stored in checkpoint metadata: missing
-    fields take their defaults, unknown ones are an error naming the known fields."""
+    """to_dict / from_dict for the frozen dataclasses stored in checkpoint metadata (configs, a family's
+    dimensions): missing fields take their defaults, a missing field without one and an unknown field are
+    ValueErrors naming the fields (a damaged file gets a message, never a TypeError)."""
 
     LABEL = "config"
 
@@ -34,11 +35,16 @@ class JsonConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):
         if not isinstance(data, Mapping):
-            raise ValueError(f"{cls.LABEL} must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
+            raise ValueError(f"{cls.LABEL} metadata must be a JSON object, got {type(data).__name__}")
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown {cls.LABEL} fields {unknown}; known fields are {sorted(known)}")
+        missing = [f.name for f in fields if f.name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"{cls.LABEL} metadata lacks the fields {missing}")
         return cls(**dict(data))
 
 

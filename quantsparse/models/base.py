@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from ..core.config import QuantSparseConfig
+from ..core.config import WEIGHT_ONLY_SCHEME, QuantSparseConfig
 from ..core.quantize_model import Learned, quantize_linears
 
 Shapes = Mapping[str, Sequence[int]]
@@ -89,6 +89,8 @@ class ModelAdapter(abc.ABC):
     source_files: str = ""  # the files users download that convert / calibrate take
     calibration_supported: bool = False
     sampling: Optional[SamplingDefaults] = None  # set by families that calibrate or have a proxy
+    scheme_layers: Optional[re.Pattern] = None  # Linears (full ComfyUI names) that get the configured scheme
+    weight_only_layers: Optional[re.Pattern] = None  # Linears that get weight-only INT4
     identity_weights: tuple[str, ...] = ()  # name parts of the weights whose checksums identify a model cheaply
 
     # -- finding the family ----------------------------------------------------------------------
@@ -119,9 +121,14 @@ class ModelAdapter(abc.ABC):
     def reference_shapes(self, dims) -> dict[str, tuple[int, ...]]:
         """Every tensor ComfyUI's model of ``dims`` holds at full precision, by ComfyUI name (no prefix)."""
 
-    @abc.abstractmethod
     def layer_kind(self, module_name: str, config: QuantSparseConfig) -> Optional[str]:
-        """Quantization kind of the Linear ``module_name`` (ComfyUI name), or None to keep it BF16."""
+        """Quantization kind of the Linear ``module_name`` (ComfyUI name), or None to keep it BF16: the
+        configured scheme for ``scheme_layers``, weight-only INT4 for ``weight_only_layers``."""
+        if self.scheme_layers is not None and self.scheme_layers.match(module_name):
+            return config.bits
+        if self.weight_only_layers is not None and self.weight_only_layers.match(module_name):
+            return WEIGHT_ONLY_SCHEME
+        return None
 
     def head_dim(self, dims) -> int:
         return 128

@@ -15,12 +15,9 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ...core.config import QuantSparseConfig
 from ..base import AttentionCall, BlockRef, ModelAdapter, SamplingDefaults, Shapes
-from .dims import HEAD_DIM, TRIGGER_KEY, HunyuanVideoDims, dims_from_state_dict
-from .layers import ARCHITECTURE, layer_kind
-
-_V15_MARKERS = ("vision_in.", "cond_type_embedding.", "time_r_in.", "byt5_in.")
+from .dims import V15_MARKERS, HEAD_DIM, TRIGGER_KEY, HunyuanVideoDims, dims_from_state_dict
+from .layers import ARCHITECTURE, SCHEME_LAYERS, WEIGHT_ONLY_LAYERS
 
 
 class HunyuanVideoAdapter(ModelAdapter):
@@ -28,13 +25,14 @@ class HunyuanVideoAdapter(ModelAdapter):
     title = "HunyuanVideo T2V"
     source_files = "hunyuan_video_t2v_720p_bf16.safetensors"
     calibration_supported = True
+    scheme_layers, weight_only_layers = SCHEME_LAYERS, WEIGHT_ONLY_LAYERS
     identity_weights = ("img_in", "qkv", "linear1")  # each block's first Linear and the patch embedding
     sampling = SamplingDefaults(latent_channels=16, shift=7.0, guidance=6.0)  # ComfyUI's sampling_settings
 
     # -- finding the family
 
     def claims(self, shapes: Shapes) -> bool:
-        return TRIGGER_KEY in shapes and not any(k.startswith(_V15_MARKERS) for k in shapes)
+        return TRIGGER_KEY in shapes and not any(k.startswith(V15_MARKERS) for k in shapes)
 
     def dims_from_shapes(self, shapes: Shapes) -> HunyuanVideoDims:
         return dims_from_state_dict(shapes)
@@ -57,9 +55,6 @@ class HunyuanVideoAdapter(ModelAdapter):
         from .model import reference_state_shapes
 
         return reference_state_shapes(dims)
-
-    def layer_kind(self, module_name: str, config: QuantSparseConfig) -> Optional[str]:
-        return layer_kind(module_name, config)
 
     def head_dim(self, dims) -> int:
         return HEAD_DIM

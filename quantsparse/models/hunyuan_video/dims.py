@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
+
+from ...core.config import JsonConfig
+from ..base import count_blocks, shape_of
 
 HEAD_DIM = 128  # ComfyUI derives num_heads = hidden // 128, so no other head size survives a reload
 TRIGGER_KEY = "txt_in.individual_token_refiner.blocks.0.norm1.weight"
 # Keys that only HunyuanVideo 1.5 (or its distilled / super-resolution variants) carries.
-_V15_MARKERS = ("vision_in.", "cond_type_embedding.", "time_r_in.", "byt5_in.")
+V15_MARKERS = ("vision_in.", "cond_type_embedding.", "time_r_in.", "byt5_in.")
 _COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 
 
 @dataclass(frozen=True)
-class HunyuanVideoDims:
+class HunyuanVideoDims(JsonConfig):
     """The constructor arguments of ComfyUI's HunyuanVideo (T2V) transformer that vary by size."""
 
+    LABEL = "HunyuanVideo dimension"
     architecture: ClassVar[str] = "hunyuan_video"  # the family's adapter (models/registry.py)
 
     hidden_size: int
@@ -97,19 +100,10 @@ class HunyuanVideoDims:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "HunyuanVideoDims":
         """Read dimensions from checkpoint metadata; every problem is a ValueError naming the field."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"HunyuanVideo dimensions must be a JSON object, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"unknown HunyuanVideo dimension fields {unknown}; known fields are {names}")
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise ValueError(f"HunyuanVideo dimensions lack the fields {missing}")
         for name in ("patch_size", "axes_dim"):
-            if not isinstance(data[name], (list, tuple)):
+            if isinstance(data, Mapping) and name in data and not isinstance(data[name], (list, tuple)):
                 raise ValueError(f"HunyuanVideoDims.{name} must be a list, got {data[name]!r}")
-        return cls(**dict(data))
+        return super().from_dict(data)
 
     @classmethod
     def full(cls) -> "HunyuanVideoDims":
@@ -131,30 +125,6 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
         raise ValueError(f"HunyuanVideoDims.{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _count_blocks(keys: Sequence[str], prefix: str) -> int:
-    """Blocks 0..n-1 present, counted as ComfyUI does (stops at the first missing index)."""
-    present = set()
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    for k in keys:
-        m = pattern.match(k)
-        if m:
-            present.add(int(m.group(1)))
-    n = 0
-    while n in present:
-        n += 1
-    return n
-
-
-def _shape(shapes: Mapping[str, Sequence[int]], key: str, ndim: int) -> tuple[int, ...]:
-    if key not in shapes:
-        raise ValueError(f"HunyuanVideo checkpoint lacks the tensor {key!r}, needed to read the model dimensions")
-    value = shapes[key]
-    shape = tuple(int(s) for s in getattr(value, "shape", value))  # a tensor is taken for its shape
-    if len(shape) != ndim:
-        raise ValueError(f"HunyuanVideo tensor {key!r} has shape {list(shape)}; expected {ndim} dimensions")
-    return shape
-
-
 def dims_from_state_dict(shapes: Mapping[str, Sequence[int]]) -> HunyuanVideoDims:
     """Infer the dimensions of a HunyuanVideo T2V state dict from ``{key: shape}``, as ComfyUI would.
 
@@ -170,7 +140,7 @@ def dims_from_state_dict(shapes: Mapping[str, Sequence[int]]) -> HunyuanVideoDim
         raise ValueError(
             f"not a HunyuanVideo T2V checkpoint: the key {TRIGGER_KEY!r} that ComfyUI detects HunyuanVideo by is "
             f"missing (found {len(keys)} tensors, e.g. {sample}){hint}")
-    v15 = sorted({m.rstrip('.') for m in _V15_MARKERS for k in keys if k.startswith(m)})
+    v15 = sorted({m.rstrip('.') for m in V15_MARKERS for k in keys if k.startswith(m)})
     if v15:
         raise ValueError(
             f"this looks like HunyuanVideo 1.5 (it has {v15} tensors), which is not supported; "
@@ -179,11 +149,11 @@ def dims_from_state_dict(shapes: Mapping[str, Sequence[int]]) -> HunyuanVideoDim
         raise ValueError(
             "not a HunyuanVideo T2V checkpoint: it has no vector_in.* tensors, so ComfyUI would detect it as "
             "Hunyuan Image 2.1, which is not supported")
-    in_w = _shape(shapes, "img_in.proj.weight", 5)
+    in_w = shape_of(shapes, "img_in.proj.weight", 5, "HunyuanVideo")
     hidden, in_channels, patch = in_w[0], in_w[1], in_w[2:]
-    out_w = _shape(shapes, "final_layer.linear.weight", 2)
-    ctx_w = _shape(shapes, "txt_in.input_embedder.weight", 2)
-    vec_w = _shape(shapes, "vector_in.in_layer.weight", 2)
+    out_w = shape_of(shapes, "final_layer.linear.weight", 2, "HunyuanVideo")
+    ctx_w = shape_of(shapes, "txt_in.input_embedder.weight", 2, "HunyuanVideo")
+    vec_w = shape_of(shapes, "vector_in.in_layer.weight", 2, "HunyuanVideo")
     if out_w[0] % math.prod(patch):
         raise ValueError(f"final_layer.linear.weight has {out_w[0]} outputs, not a multiple of the patch volume "
                          f"{math.prod(patch)} of img_in.proj.weight {list(in_w)}")
@@ -198,7 +168,7 @@ def dims_from_state_dict(shapes: Mapping[str, Sequence[int]]) -> HunyuanVideoDim
             raise ValueError(f"{name} has width {w}, but img_in.proj.weight gives hidden_size {hidden}")
     return HunyuanVideoDims(
         hidden_size=hidden, num_heads=hidden // HEAD_DIM,
-        depth=_count_blocks(keys, "double_blocks."), depth_single_blocks=_count_blocks(keys, "single_blocks."),
+        depth=count_blocks(keys, "double_blocks."), depth_single_blocks=count_blocks(keys, "single_blocks."),
         in_channels=in_channels, out_channels=out_w[0] // math.prod(patch), context_in_dim=ctx_w[1],
         vec_in_dim=vec_w[1], mlp_ratio=4.0, patch_size=patch, axes_dim=(16, 56, 56), theta=256, qkv_bias=True,
         guidance_embed=any(k.startswith("guidance_in.") for k in keys))

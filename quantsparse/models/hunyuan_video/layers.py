@@ -11,25 +11,15 @@ from __future__ import annotations
 
 import re
 
-from ...core.config import WEIGHT_ONLY_SCHEME, QuantSparseConfig
-
 ARCHITECTURE = "hunyuan_video"
 
-_SCHEME_LAYERS = re.compile(
+SCHEME_LAYERS = re.compile(
     r"^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.(0|2))"
     r"|single_blocks\.\d+\.linear[12])$"
 )
-_WEIGHT_ONLY_LAYERS = re.compile(
+WEIGHT_ONLY_LAYERS = re.compile(
     r"^(double_blocks\.\d+\.(img|txt)_mod\.lin"
     r"|single_blocks\.\d+\.modulation\.lin"
     r"|txt_in\.individual_token_refiner\.blocks\.\d+\.(self_attn\.(qkv|proj)|mlp\.(0|2)|adaLN_modulation\.1))$"
 )
 
-
-def layer_kind(module_name: str, config: QuantSparseConfig) -> str | None:
-    """Quantization kind of the Linear named ``module_name`` (ComfyUI names, no prefix), or None for BF16."""
-    if _SCHEME_LAYERS.match(module_name):
-        return config.bits
-    if _WEIGHT_ONLY_LAYERS.match(module_name):
-        return WEIGHT_ONLY_SCHEME
-    return None

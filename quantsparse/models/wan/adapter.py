@@ -23,10 +23,9 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ...core.config import QuantSparseConfig
 from ..base import AttentionCall, ModelAdapter, Shapes
 from .dims import HEAD_DIM, PATCH, TRIGGER_KEY, WanDims, dims_from_state_dict, reference_state_shapes, variant_name
-from .layers import ARCHITECTURE, layer_kind
+from .layers import ARCHITECTURE, SCHEME_LAYERS, WEIGHT_ONLY_LAYERS
 
 BIAS_STD = 0.02
 NORM_STD = 0.1
@@ -37,6 +36,7 @@ class WanAdapter(ModelAdapter):
     title = "Wan 2.1 / 2.2"
     source_files = ("wan2.1_t2v_1.3B / 14B, wan2.1_i2v_480p / 720p_14B, wan2.2_t2v / i2v_high / low_noise_14B, "
                     "wan2.2_ti2v_5B (bf16, fp16, fp8_e4m3fn, fp8_scaled, int8)")
+    scheme_layers, weight_only_layers = SCHEME_LAYERS, WEIGHT_ONLY_LAYERS
     identity_weights = ("patch_embedding", "self_attn.q.")  # the patch embedding and each block's first Linear
 
     # -- finding the family
@@ -64,9 +64,6 @@ class WanAdapter(ModelAdapter):
 
     def reference_shapes(self, dims: WanDims) -> dict[str, tuple[int, ...]]:
         return reference_state_shapes(dims)
-
-    def layer_kind(self, module_name: str, config: QuantSparseConfig) -> Optional[str]:
-        return layer_kind(module_name, config)
 
     def head_dim(self, dims) -> int:
         return HEAD_DIM

@@ -11,10 +11,10 @@ modules and are refused by name.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Optional
+from typing import ClassVar, Optional
 
+from ...core.config import JsonConfig
 from ..base import Shapes, count_blocks, shape_of
 
 HEAD_DIM = 128
@@ -38,9 +38,10 @@ OTHER_VARIANTS = {
 
 
 @dataclass(frozen=True)
-class WanDims:
+class WanDims(JsonConfig):
     """The constructor arguments of ComfyUI's ``WanModel`` that vary between the files users run."""
 
+    LABEL = "Wan dimension"
     architecture: ClassVar[str] = "wan"  # the family's adapter (models/registry.py)
 
     dim: int
@@ -73,19 +74,6 @@ class WanDims:
     def per_token_modulation(self) -> bool:
         """Wan 2.2 TI2V-5B: the time embedding is per latent frame (the first is the clean image)."""
         return self.out_dim == 48
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "WanDims":
-        if not isinstance(data, Mapping):
-            raise ValueError(f"Wan dimensions must be a JSON object, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"unknown Wan dimension fields {unknown}; known fields are {names}")
-        return cls(**dict(data))
 
     # The files users run (models.md section 1.3), and the smallest shape tests build.
 

@@ -14,18 +14,8 @@ from __future__ import annotations
 
 import re
 
-from ...core.config import WEIGHT_ONLY_SCHEME, QuantSparseConfig
-
 ARCHITECTURE = "wan"
 
-_SCHEME_LAYERS = re.compile(r"^blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|o)|ffn\.(0|2))$")
-_WEIGHT_ONLY_LAYERS = re.compile(r"^(blocks\.\d+\.cross_attn\.(k|v|k_img|v_img)|time_projection\.1)$")
+SCHEME_LAYERS = re.compile(r"^blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|o)|ffn\.(0|2))$")
+WEIGHT_ONLY_LAYERS = re.compile(r"^(blocks\.\d+\.cross_attn\.(k|v|k_img|v_img)|time_projection\.1)$")
 
-
-def layer_kind(module_name: str, config: QuantSparseConfig) -> str | None:
-    """Quantization kind of the Linear named ``module_name`` (ComfyUI names, no prefix), or None for BF16."""
-    if _SCHEME_LAYERS.match(module_name):
-        return config.bits
-    if _WEIGHT_ONLY_LAYERS.match(module_name):
-        return WEIGHT_ONLY_SCHEME
-    return None
