@@ -15,19 +15,10 @@ mask make up for it twice. On the trained proxy (W4A8, 15%, 6 clips) sparse-awar
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ..core.config import BIT_SCHEMES, JsonConfig, QuantSparseConfig
-
-
-def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+from ..core.config import BIT_SCHEMES, JsonConfig, QuantSparseConfig, is_int, is_number
 
 
 @dataclass(frozen=True)
@@ -54,29 +45,29 @@ class CalibSettings(JsonConfig):
         if self.bits not in BIT_SCHEMES:
             raise ValueError(f"calibration bits={self.bits!r} is not supported; choose one of {sorted(BIT_SCHEMES)}")
         self.quant_config()  # group size / rotate checks
-        if not _int(self.epochs) or self.epochs < 0:
+        if not is_int(self.epochs) or self.epochs < 0:
             raise ValueError(f"epochs={self.epochs!r} must be an integer >= 0 (0 = initialisation only)")
         for name in ("lr_smooth", "lr_clip"):
             v = getattr(self, name)
-            if not _num(v) or v < 0:
+            if not is_number(v) or v < 0:
                 raise ValueError(f"{name}={v!r} must be a number >= 0")
         for name in ("lambda_global", "lambda_local"):
             v = getattr(self, name)
-            if v is not None and (not _num(v) or v < 0):
+            if v is not None and (not is_number(v) or v < 0):
                 raise ValueError(f"{name}={v!r} must be a number >= 0, or None to normalise it to the output loss")
         for name in ("pool_stride", "salient_tokens"):
             v = getattr(self, name)
-            if not _int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
-        if not _num(self.density) or not 0.0 < self.density <= 1.0:
+        if not is_number(self.density) or not 0.0 < self.density <= 1.0:
             raise ValueError(f"density={self.density!r} must be in (0, 1] (1 = dense attention)")
         if not isinstance(self.sparse_attention, bool):
             raise ValueError(f"sparse_attention={self.sparse_attention!r} must be true or false")
         for name in ("block_q", "block_k"):
             b = getattr(self, name)
-            if not _int(b) or b < 16 or b & (b - 1):
+            if not is_int(b) or b < 16 or b & (b - 1):
                 raise ValueError(f"{name}={b!r} must be a power of two >= 16")
-        if not _int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
 
     @property

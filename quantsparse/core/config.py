@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -15,6 +16,16 @@ BIT_SCHEMES: dict[str, tuple[int, int]] = {
 WEIGHT_ONLY_SCHEME = "w4a16"  # modulation and text-refiner Linears: one vector / few tokens per sample
 GROUP_SIZES = (0, 128)  # 0 = one scale per output channel
 HADAMARD_BLOCK = 128
+
+
+def is_int(x: Any) -> bool:
+    """An integer from JSON or a widget (a bool is not one)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x: Any) -> bool:
+    """A finite int or float (a bool is not one)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def qmax(bits: int) -> int:

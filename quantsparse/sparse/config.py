@@ -8,23 +8,13 @@ not deep inside a kernel.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
-from ..core.config import JsonConfig
+from ..core.config import JsonConfig, is_int, is_number
 
 MASK_MODES = ("svg", "topk")
 SSAR_ORDERS = (0, 1, 2)  # 0 = no residual cache (plain sparse), 1 = cached residual, 2 = + rank-r second order
 HEAD_DIM = 128  # HunyuanVideo's head size; the rank-r projection lives in this space
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -64,26 +54,26 @@ class SparseConfig(JsonConfig):
     svg_sample_rows: int = 64
 
     def __post_init__(self) -> None:
-        if not _is_number(self.density) or not math.isfinite(self.density) or not 0.0 < self.density <= 1.0:
+        if not is_number(self.density) or not 0.0 < self.density <= 1.0:
             raise ValueError(f"SparseConfig.density={self.density!r} must be a number in (0, 1] "
                              "(the fraction of video-to-video attention blocks computed; 1 = dense)")
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"SparseConfig.mask_mode={self.mask_mode!r} is not supported; choose one of {list(MASK_MODES)}")
-        if not _is_number(self.dense_warmup) or not 0.0 <= self.dense_warmup <= 1.0:
+        if not is_number(self.dense_warmup) or not 0.0 <= self.dense_warmup <= 1.0:
             raise ValueError(f"SparseConfig.dense_warmup={self.dense_warmup!r} must be a fraction of the steps in [0, 1]")
-        if not _is_int(self.refresh_interval) or self.refresh_interval < 1:
+        if not is_int(self.refresh_interval) or self.refresh_interval < 1:
             raise ValueError(f"SparseConfig.refresh_interval={self.refresh_interval!r} must be an integer >= 1 "
                              "(1 refreshes every step, i.e. runs dense)")
-        if not _is_int(self.rank) or not 1 <= self.rank <= HEAD_DIM:
+        if not is_int(self.rank) or not 1 <= self.rank <= HEAD_DIM:
             raise ValueError(f"SparseConfig.rank={self.rank!r} must be an integer in [1, {HEAD_DIM}] (the head size)")
-        if not _is_int(self.ssar_order) or self.ssar_order not in SSAR_ORDERS:
+        if not is_int(self.ssar_order) or self.ssar_order not in SSAR_ORDERS:
             raise ValueError(f"SparseConfig.ssar_order={self.ssar_order!r} must be 0 (off), 1 (first order) "
                              "or 2 (second order)")
         for name in ("block_q", "block_k"):
             b = getattr(self, name)
-            if not _is_int(b) or b < 16 or b & (b - 1):
+            if not is_int(b) or b < 16 or b & (b - 1):
                 raise ValueError(f"SparseConfig.{name}={b!r} must be a power of two >= 16 (a kernel tile size)")
-        if not _is_int(self.svg_sample_rows) or self.svg_sample_rows < 1:
+        if not is_int(self.svg_sample_rows) or self.svg_sample_rows < 1:
             raise ValueError(f"SparseConfig.svg_sample_rows={self.svg_sample_rows!r} must be an integer >= 1")
 
     @property
