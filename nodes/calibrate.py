@@ -39,6 +39,7 @@ from ..quantsparse.calib.job import (
     calibrate_to_file,
     capture_fingerprint,
     check_calibration_supported,
+    run_fingerprint,
     worse_than_rtn_lines,
 )
 from ..quantsparse.calib.provenance import calibration_lines
@@ -84,8 +85,7 @@ def full_state_of(model):
                          "'Load Diffusion Model' and weight_dtype 'default'.")
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     try:
-        adapter = registry.detect(shapes)
-        dims = adapter.dims_from_shapes(shapes)
+        adapter, dims = registry.identify(shapes)
         check_calibration_supported(dims)
     except (QuantSparseError, ValueError) as e:
         raise ValueError(f"QuantSparse Calibrate needs {WANTED}: {e}") from None
@@ -290,8 +290,7 @@ class QuantSparseCalibrate(io.ComfyNode):
         conds = conditionings(clip, prompts, conditioning, float(guidance))
         info = CalibrationInfo(_base_name(model), len(conds), width, height, frames, steps, float(guidance))
         capture_key = capture_fingerprint(info, samples, [_as_conditioning(c) for c in conds])
-        fingerprint = {"model": state_fingerprint(dims, sd, dtype=torch.bfloat16), "capture": capture_key,
-                       "settings": settings.to_dict()}
+        fingerprint = run_fingerprint(state_fingerprint(dims, sd, dtype=torch.bfloat16), settings, capture_key)
         if os.path.exists(dst) and _recorded_fingerprint(dst) == fingerprint and not restart:
             loaded, summary = load_quantsparse_model(dst)
             text = [f"models/{FOLDER}/{name} already holds this calibration (same model, prompts and settings): "
@@ -324,8 +323,7 @@ class QuantSparseCalibrate(io.ComfyNode):
         for line in worse_than_rtn_lines(record_):
             log.warning(line)
         loaded, summary = load_quantsparse_model(str(path))
-        text = "\n".join([f"wrote models/{FOLDER}/{name}", *worse_than_rtn_lines(record_),
-                          *calibration_lines(record_), summary.text()])
+        text = "\n".join([f"wrote models/{FOLDER}/{name}", *calibration_lines(record_), summary.text()])
         return io.NodeOutput(loaded, ui=ui.PreviewText(text))
 
 

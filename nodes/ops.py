@@ -123,6 +123,7 @@ class QuantSparseLinear(comfy.ops.manual_cast.Linear):
 
     layer_specs: Mapping[str, Mapping[str, Any]] = {}
     quant_kind: str | None = None
+    _route_noted = None  # the device note_route last ran for: the per-call cost is one comparison
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
         # Placeholders of size 0 instead of a full [out, in] weight: most Linears are replaced
@@ -229,8 +230,13 @@ class QuantSparseLinear(comfy.ops.manual_cast.Linear):
         return (_to_device(self.weight, device), _to_device(self.weight_scale, device),
                 _to_device(self.smooth, device), bias)
 
+    def _note_route(self, device: torch.device) -> None:
+        if self._route_noted != device:
+            note_route(self.quant_kind, device)
+            self._route_noted = device
+
     def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
-        note_route(self.quant_kind, x.device)
+        self._note_route(x.device)
         weight, scale, smooth, bias = self._tensors(x.device)
         return quantized_linear(x, weight, scale, smooth, bias, kind=self.quant_kind,
                                 group_size=self.quant_group_size, rotate=self.quant_rotate)
@@ -250,7 +256,7 @@ class QuantSparseLinear(comfy.ops.manual_cast.Linear):
     def forward_prequantized(self, x_q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """[M, N] from INT8 activations made by one of ``kernels``' fused activation kernels."""
         comfy.ops.run_every_op()
-        note_route(self.quant_kind, x_q.device)
+        self._note_route(x_q.device)
         weight, scale, _, bias = self._tensors(x_q.device)
         return quantized_gemm(x_q, x_scale, weight, scale, bias, kind=self.quant_kind,
                               group_size=self.quant_group_size, out_dtype=out_dtype)

@@ -27,7 +27,7 @@ import comfy.patcher_extension
 import torch
 from comfy_api.latest import io
 
-from ..quantsparse.sparse.config import MASK_MODES, SparseConfig
+from ..quantsparse.sparse.config import BLOCK_SIZES, MASK_MODES, SparseConfig, block_size_problem
 from ..quantsparse.sparse.override import SparseRun, format_summary, key_padding_from_mask, sparse_attention_call
 from ..quantsparse.models import registry
 from ..quantsparse.sparse.ssar import DENSE
@@ -59,11 +59,14 @@ def model_adapter(model) -> tuple[Optional[object], str]:
         return None, "this MODEL has no diffusion model the patch can read"
     shapes = {k: tuple(v.shape) for k, v in dm.state_dict().items()}
     try:
-        return registry.detect(shapes), ""
+        return registry.identify(shapes)[0], ""
     except registry.UnknownModelError:
         return None, (f"QuantSparse sparse attention does not understand this model ({type(dm).__name__}: "
                       f"{registry.describe(shapes)}); every attention call of it runs dense. Supported: "
                       f"{registry.supported_text()}")
+    except ValueError as e:
+        return None, (f"QuantSparse sparse attention does not support this model ({type(dm).__name__}): {e}; every "
+                      "attention call of it runs dense")
 
 
 def sparse_inputs() -> list:
@@ -82,19 +85,20 @@ def sparse_inputs() -> list:
                      tooltip="Rank of SSAR's second-order correction."),
         io.Int.Input("ssar_order", default=d.ssar_order, min=0, max=2,
                      tooltip="0: plain sparse; 1: add the cached residual; 2: plus its rank-r change."),
-        io.Int.Input("block_q", default=d.block_q, min=16, max=256, advanced=True,
+        io.Int.Input("block_q", default=d.block_q, min=BLOCK_SIZES[0], max=BLOCK_SIZES[-1], advanced=True,
                      tooltip="Video tokens per query block (power of two); smaller = finer masks, slower kernel."),
-        io.Int.Input("block_k", default=d.block_k, min=16, max=256, advanced=True,
+        io.Int.Input("block_k", default=d.block_k, min=BLOCK_SIZES[0], max=BLOCK_SIZES[-1], advanced=True,
                      tooltip="Video tokens per key block (power of two)."),
     ]
 
 
 def check_blocks(block_q, block_k) -> bool | str:
     """``validate_inputs`` of both nodes: the block sizes' rule is more than a range (power of two), and a
-    declared input skips ComfyUI's own range check, so the range is checked here too."""
+    declared input skips ComfyUI's own range check: ``SparseConfig``'s rule, before the prompt runs."""
     for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if b is not None and (not 16 <= b <= 256 or b & (b - 1)):
-            return f"{name} = {b}: use a power of two from 16 to 256 (16, 32, 64, 128 or 256)"
+        problem = None if b is None else block_size_problem(name, b)
+        if problem:
+            return problem
     return True
 
 
@@ -132,8 +136,7 @@ class SparseAttentionOverride:
             return self._dense(func, args, kwargs)
         step = call["step"]
         if run.kind(step) == DENSE:
-            run.record(DENSE, step)
-            run.dense_reasons["dense step (warm-up or density 1)"] += 1
+            run.note_dense_step(step)
             return self._dense(func, args, kwargs)
         q, k, v = decision.q, decision.k, decision.v
         b, _, seq, _ = q.shape

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from typing import Sequence, TextIO
 
-from .cli_common import OneLineParser, one_line
+from .cli_common import OneLineParser, run_command
 from .core.config import BIT_SCHEMES, GROUP_SIZES, QuantSparseConfig
 
 GB = 1e9
@@ -106,24 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import main as demo_main
         return demo_main(argv[1:])
     args = _build_parser().parse_args(argv)
-    try:
-        if args.command == "convert":
-            return _convert(args)
-        if args.command == "calibrate":
-            return _calibrate(args)
-        return _inspect(args.file, sys.stdout, blocks=args.blocks)
-    except ValueError as e:  # QuantSparseError and the config checks: a refusal, nothing written
-        print(f"quantsparse {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the system failed us (disk full, I/O error): say what, no traceback
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"quantsparse {args.command}: error: {e.strerror or one_line(e)}{where}; nothing was written",
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        hint = " (run the same command again to continue)" if args.command == "calibrate" else ""
-        print(f"\ninterrupted; nothing was written{hint}", file=sys.stderr)
-        return 130
+    commands = {"convert": lambda: _convert(args), "calibrate": lambda: _calibrate(args),
+                "inspect": lambda: _inspect(args.file, sys.stdout, blocks=args.blocks)}
+    hint = " (run the same command again to continue)" if args.command == "calibrate" else ""
+    return run_command(f"quantsparse {args.command}", commands[args.command], interrupt_hint=hint)
 
 
 def resolve_device(name: str) -> str:
@@ -232,7 +218,7 @@ def _calibrate(args) -> int:
     work = args.work_dir or f"{dst}.work"
     check_work_dir(work, inputs + [str(dst)])
 
-    model = load_full_model(source.path)
+    model = load_full_model(source)
     info = CalibrationInfo(os.path.basename(args.src), len(conds), args.width, args.height, args.frames, args.steps,
                            guidance)
 

@@ -18,14 +18,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from .cli_common import OneLineParser, one_line
+from .cli_common import OneLineParser, run_command
 from .core.atomic_io import write_text
 from .core.config import QuantSparseConfig
 from .core.paths import clean_stale_partials, output_folder
 from .demo_preview import calibration_svg, write_preview
 from .proxy import sample as ps
-from .proxy.eval import block_errors, calibration_report, compare, find_calibrate, model_bytes
-from .proxy.train import DEFAULT_PATH, check_proxy_file, load_proxy
+from .proxy.eval import block_errors, calibration_report, compare, model_bytes
+from .proxy.msad import calibrate_proxy
+from .proxy.train import DEFAULT_PATH, check_proxy_file, read_proxy
 
 DEMO_FILES = ("side_by_side.gif", "side_by_side.png", "calibration.svg", "summary.json")
 
@@ -50,17 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_parser().parse_args(argv)
-    try:
-        return run(a)
-    except ValueError as e:  # QuantSparseError included: a refusal, nothing written
-        print(f"quantsparse demo: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"quantsparse demo: error: {e.strerror or one_line(e)} ({e.filename})", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    return run_command("quantsparse demo", lambda: run(a), after="")
 
 
 def check_args(a) -> tuple[Path, Path]:
@@ -86,13 +77,10 @@ def run(a) -> int:
     weights, out = check_args(a)
     if a.threads:
         torch.set_num_threads(a.threads)
-    dense = load_proxy(weights)
+    dense = read_proxy(weights)
     clips = ps.benchmark_clips(a.clips)
     sparse = ps.proxy_sparse_config(a.density)
-    calib_name, calibrate = find_calibrate({"auto": "auto", "msad": "auto", "rtn": "rtn"}[a.calibrate])
-    if a.calibrate == "msad" and calib_name == "rtn":  # pragma: no cover (the package ships MSAD)
-        raise ValueError("--calibrate msad: this installation has no MSAD calibration; use --calibrate rtn")
-    calib_name = "round-to-nearest" if calib_name == "rtn" else "MSAD"
+    calib_name, calibrate = ("round-to-nearest", ps.rtn_calibrate) if a.calibrate == "rtn" else ("MSAD", calibrate_proxy)
     qcfg = QuantSparseConfig(bits=a.bits)
 
     print(f"proxy HunyuanVideo {a.weights}: {sum(v.numel() for v in dense.state_dict().values()) / 1e6:.1f}M "

@@ -376,6 +376,38 @@ def test_restart_discards_finished_blocks_on_purpose_and_says_so(tmp_path):
     assert type(WorkMismatch("x")).__module__ == "quantsparse"  # what ComfyUI shows as the error's type
 
 
+def test_restarting_with_other_training_settings_keeps_the_captured_samples(originals, tmp_path, capsys,
+                                                                            monkeypatch):
+    """--restart (or a changed setting with nothing finished) starts the blocks over, but samples captured with
+    the same model, prompts, capture settings and seed are kept: an hour of sampling is not repeated."""
+    from comfyui_quantsparse.quantsparse.calib import job
+
+    (tmp_path / "model.safetensors").write_bytes(originals["model.safetensors"])
+    out = tmp_path / "out.safetensors"
+    argv = ["calibrate", str(tmp_path / "model.safetensors"), str(out), *CALIB, "--work-dir", str(tmp_path / "work")]
+    monkeypatch.setattr(job, "clear_work", lambda *a, **k: None)  # keep each run's folder, as an interrupt does
+    assert cli.main(argv) == 0
+    assert "capturing" in capsys.readouterr().err
+    out.unlink()
+    assert cli.main([*argv, "--epochs", "2", "--restart"]) == 0
+    err = capsys.readouterr().err
+    assert "keeping the samples captured earlier" in err and "using the 2 samples captured by an earlier run" in err
+    assert "capturing" not in err, err
+    out.unlink()
+    assert cli.main([*argv, "--epochs", "2", "--seed", "7", "--restart"]) == 0  # other capture noise
+    err = capsys.readouterr().err
+    assert "capturing" in err and "keeping the samples" not in err, err
+
+
+def test_a_changed_sample_count_is_named_as_such():
+    from comfyui_quantsparse.quantsparse.calib.driver import fingerprint_differences
+
+    old = {"model": "a", "capture": {"samples": 20, "conditioning": "c1"}}
+    new = {"model": "b", "capture": {"samples": 30, "conditioning": "c2"}}
+    assert fingerprint_differences(old, new) == ["the prompts (conditioning) differ",
+                                                 "samples: 20 in the folder, 30 now", "the model's weights differ"]
+
+
 def test_a_stale_partial_file_is_reported_and_removed(originals, tmp_path, capsys):
     """What a killed run leaves (an unlocked partial file) is removed by the next run of the same command."""
     (tmp_path / "model.safetensors").write_bytes(originals["model.safetensors"])

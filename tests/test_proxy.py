@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from comfyui_quantsparse.quantsparse.core import metrics
 from comfyui_quantsparse.quantsparse.proxy import data as pd
@@ -133,6 +134,13 @@ def test_save_and_load_round_trip(tmp_path):
     with pytest.raises(ValueError, match="already exists"):  # never over the file unasked
         pt.save_proxy(path, model.state_dict(), {"steps": 1})
     pt.save_proxy(path, model.state_dict(), {"steps": 1}, overwrite=True)
+    # a file in ComfyUI's all-in-one naming loads too (the check accepts it; the loader strips the prefix)
+    prefixed = tmp_path / "prefixed.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.to(torch.bfloat16) for k, v in model.state_dict().items()},
+              str(prefixed))
+    again = pt.load_proxy(prefixed, dtype=torch.float32)
+    for k, v in back.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v)
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -479,7 +479,6 @@ def test_self_attention_runs_sparse_without_text():
     args, kwargs, options = _self_call()
     d = ADAPTER.attention_call(args, kwargs, options, _call())
     assert d.sparse and d.reason == "" and d.txt_len == 0 and d.grid == GRID and d.heads == HEADS
-    assert d.layout == "bl(hd)"
     b, n = args[0].shape[:2]
     for got, src in zip((d.q, d.k, d.v), args):
         assert got.shape == (b, HEADS, n, 128)

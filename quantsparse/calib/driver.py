@@ -144,25 +144,35 @@ class WorkMismatch(QuantSparseError):
 
 public(WorkMismatch)
 
-# How each fingerprint entry is named to the user (the command-line flag; the node's widget is the same name).
-_LABELS = {"model": "the model's weights", "samples": "the calibration samples",
-           "conditioning": "the prompts (conditioning)"}
+# The fingerprint entries that are hashes, by their place in it, as named to the user; every other entry is a
+# setting named by its flag (the node's widget has the same name) and shown with both values.
+_LABELS = {("model",): "the model's weights", ("samples",): "the calibration samples",
+           ("capture", "conditioning"): "the prompts (conditioning)"}
 
 
-def fingerprint_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Human lines for what differs between two fingerprints, e.g. ``epochs: 15 -> 10 (this run)``."""
+def fingerprint_differences(old: dict, new: dict, path: tuple = ()) -> list[str]:
+    """Human lines for what differs between two fingerprints, e.g. ``epochs: 15 in the folder, 10 now``."""
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
         if a == b:
             continue
+        where = (*path, key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += fingerprint_differences(a, b, prefix)
-        elif key in _LABELS:
-            out.append(f"{_LABELS[key]} differ")
+            out += fingerprint_differences(a, b, where)
+        elif where in _LABELS:
+            out.append(f"{_LABELS[where]} differ")
         else:
-            out.append(f"{prefix}{key}: {a} in the folder, {b} now")
+            out.append(f"{key}: {a} in the folder, {b} now")
     return out
+
+
+def same_capture(old: dict, new: dict) -> bool:
+    """Whether two run fingerprints capture the same samples: same model, capture entry and seed (the seed
+    draws the capture's noise)."""
+    return (old.get("model") == new.get("model") and old.get("capture") == new.get("capture")
+            and bool(new.get("capture")) and (old.get("settings") or {}).get("seed")
+            == (new.get("settings") or {}).get("seed"))
 
 
 class WorkFolder:
@@ -190,7 +200,7 @@ class WorkFolder:
             if restart:
                 if old is not None and old.get("done") and log:
                     log(f"--restart: discarding {len(old['done'])} finished block(s) in {root}")
-                self._clear()
+                self._clear(old)
             elif old is None or old.get("version") != WORK_VERSION:
                 if old is not None and old.get("done"):
                     raise WorkMismatch(f"the work folder {root} was written by another version of QuantSparse; "
@@ -204,7 +214,7 @@ class WorkFolder:
                         f"other settings: {'; '.join(diffs)}. Run again with the folder's values to continue, or "
                         "set restart (--restart) to discard those blocks and start over.")
                 if diffs:
-                    self._clear()  # nothing finished: nothing to lose
+                    self._clear(old)  # nothing finished: nothing to lose
                 else:
                     self.state = old
         for sub in ("acts", "params"):
@@ -220,11 +230,22 @@ class WorkFolder:
         except (OSError, ValueError):
             return None
 
-    def _clear(self) -> None:
+    def _clear(self, old: Optional[dict] = None) -> None:
+        """Start over; the captured samples stay when ``old`` state captured them the same way (an hour of
+        sampling is not repeated for a change of, say, epochs)."""
+        keep = old is not None and old.get("samples_fingerprint") is not None and same_capture(
+            old.get("fingerprint", {}), self.fingerprint)
         for sub in (*self.SUBFOLDERS, STATE):
+            if keep and sub == "samples":
+                continue
             p = os.path.join(self.root, sub)
             shutil.rmtree(p) if os.path.isdir(p) else (os.remove(p) if os.path.exists(p) else None)
         self.state = {"version": WORK_VERSION, "fingerprint": self.fingerprint, "done": []}
+        if keep:
+            self.state["samples_fingerprint"] = old["samples_fingerprint"]
+            if self.log:
+                self.log(f"keeping the samples captured earlier in {self.root} (same model, prompts, capture "
+                         "settings and seed)")
 
     @property
     def done(self) -> list[str]:

@@ -87,8 +87,10 @@ def capture_fingerprint(info: CalibrationInfo, samples: int, conds: Sequence) ->
             "guidance": info.guidance, "samples": samples, "conditioning": conditioning_fingerprint(conds)}
 
 
-def run_fingerprint(model, settings: CalibSettings, capture: Optional[dict]) -> dict:
-    return {"model": model_fingerprint(model), "capture": capture or {}, "settings": settings.to_dict()}
+def run_fingerprint(model_key: str, settings: CalibSettings, capture: Optional[dict]) -> dict:
+    """What a work folder and a finished checkpoint are identified by: the weights (``model_fingerprint``), the
+    capture and the settings."""
+    return {"model": model_key, "capture": capture or {}, "settings": settings.to_dict()}
 
 
 def calibrate_to_file(model, samples: Union[Samples, Callable[[], Samples]], settings: CalibSettings,
@@ -100,7 +102,7 @@ def calibrate_to_file(model, samples: Union[Samples, Callable[[], Samples]], set
 
     ``samples`` is the list of captured samples or a function that captures them; it is called only when
     the work folder holds no usable samples of this ``calib.capture`` fingerprint. ``inputs`` are the files
-    the job reads (never written over). ``fingerprint`` is ``run_fingerprint(model, settings, capture)``
+    the job reads (never written over). ``fingerprint`` is ``run_fingerprint(...)``
     when the caller has it already (it reads every block's weights once)."""
     opt = options or RunOptions()
     log = opt.log or (lambda msg: None)
@@ -108,7 +110,7 @@ def calibrate_to_file(model, samples: Union[Samples, Callable[[], Samples]], set
     check_work_dir(work_dir, inputs)
     clean_stale_partials(path, log)
     clean_stale_partials_under(work_dir, log)
-    fingerprint = fingerprint or run_fingerprint(model, settings, capture)
+    fingerprint = fingerprint or run_fingerprint(model_fingerprint(model), settings, capture)
     work = WorkFolder(work_dir, fingerprint, restart=restart, log=opt.log)
     got = work.cached_samples()
     if got is not None:
@@ -121,8 +123,6 @@ def calibrate_to_file(model, samples: Union[Samples, Callable[[], Samples]], set
                                 samples=len(got), width=info.width, height=info.height, frames=info.frames,
                                 steps=info.steps, blocks=result.blocks, seconds=result.seconds,
                                 device=str(opt.device), guidance=info.guidance, fingerprint=fingerprint)
-    for line in worse_than_rtn_lines(record):
-        log(line)
     sparse = SparseConfig(density=settings.density, block_q=settings.block_q, block_k=settings.block_k)
     export_checkpoint(path, model.state_dict(), model.dims, settings.quant_config(), result.params, record,
                       sparse.to_dict(), overwrite=overwrite)
@@ -146,22 +146,18 @@ def worse_than_rtn_lines(record: dict) -> list[str]:
     return []
 
 
-def load_full_model(src: str | os.PathLike, dtype: torch.dtype = torch.bfloat16):
+def load_full_model(src, dtype: torch.dtype = torch.bfloat16):
     """A model file in any form the converter reads (bf16/fp16/fp32, fp8, scaled fp8, int8; ComfyUI naming,
     prefixed or not) as its family's torch model, in ``dtype``.
 
-    The file is checked from its header first (``convert.inspect_source``: a QuantSparse or FP8 file, or
-    another model, is refused with a message saying which file to use instead), and so is whether its
-    family can be calibrated yet."""
-    from ..checkpoint.convert import inspect_source
+    ``src`` is a path, checked from its header first (``convert.inspect_source``: a QuantSparse or FP8 file, or
+    another model, is refused with a message saying which file to use instead), or the ``SourcePlan`` of that
+    check; either way its family must be one calibration supports."""
+    from ..checkpoint.convert import SourcePlan, inspect_source
 
-    source = inspect_source(src)
-    adapter = check_calibration_supported(source.dims)
-    model = adapter.build_model(source.dims, dtype=dtype, device="meta")
-    with source.open() as reader:  # every source form the converter reads (fp8, scaled fp8, int8), dequantized
-        state = {name: reader.get(name).to(dtype) for name in source.names}
-    model.load_state_dict(state, assign=True)
-    return model
+    source = src if isinstance(src, SourcePlan) else inspect_source(src)
+    check_calibration_supported(source.dims)
+    return source.load_model(dtype)
 
 
 def check_calibration_supported(dims):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..core.config import BIT_SCHEMES, JsonConfig, QuantSparseConfig, is_int, is_number
+from ..sparse.config import block_size_problem
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,9 @@ class CalibSettings(JsonConfig):
         if not isinstance(self.sparse_attention, bool):
             raise ValueError(f"sparse_attention={self.sparse_attention!r} must be true or false")
         for name in ("block_q", "block_k"):
-            b = getattr(self, name)
-            if not is_int(b) or b < 16 or b & (b - 1):
-                raise ValueError(f"{name}={b!r} must be a power of two >= 16")
+            problem = block_size_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
         if not is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
 

@@ -75,10 +75,6 @@ class SourcePlan:
     ignored: int  # tensors outside the diffusion model (VAE, text encoders of an all-in-one file)
     layout: SourceLayout  # each model tensor's stored form (bf16, fp8_scaled, int8_tensorwise, ...)
 
-    def source_key(self, name: str) -> str:
-        """The stored tensor holding the data of the model tensor ``name``."""
-        return self.layout.tensors[name].key
-
     @property
     def names(self) -> list[str]:
         """The model tensors (ComfyUI names, auxiliary scales and markers left out), in file order."""
@@ -92,6 +88,14 @@ class SourcePlan:
     def open(self) -> SourceReader:
         """A reader of the model tensors at full precision, one at a time (``with plan.open() as r: r.get(name)``)."""
         return SourceReader(self.layout)
+
+    def load_model(self, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+        """The family's torch model holding these weights in ``dtype`` (scaled forms dequantized), on the host."""
+        model = registry.adapter_for(self.dims).build_model(self.dims, dtype=dtype, device="meta")
+        with self.open() as reader:
+            state = {name: reader.get(name).to(dtype) for name in self.names}
+        model.load_state_dict(state, assign=True)
+        return model
 
 
 @dataclass(frozen=True)
@@ -145,8 +149,7 @@ def inspect_source(src: str | os.PathLike) -> SourcePlan:
         raise ConvertError(str(e)) from None
     shapes = layout.shapes
     try:
-        adapter = registry.detect(shapes)
-        dims = adapter.dims_from_shapes(shapes)
+        adapter, dims = registry.identify(shapes)
     except ValueError as e:
         raise ConvertError(f"{p} is not a model that can be converted: {e}") from None
     ref = adapter.reference_shapes(dims)

@@ -335,8 +335,7 @@ def _describe_foreign(path: str, header) -> str:
     file that convert takes)."""
     _, shapes = registry.split_prefix(header.shapes)
     try:
-        adapter = registry.detect(shapes)
-        dims = adapter.dims_from_shapes(shapes)
+        adapter, dims = registry.identify(shapes)
     except ValueError:
         return (f"{path} is not a QuantSparse checkpoint: it looks like {registry.describe(header.shapes)}. "
                 "QuantSparse loads the checkpoints that `quantsparse convert` or the Calibrate node make from: "

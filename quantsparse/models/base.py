@@ -69,14 +69,14 @@ class AttentionCall:
     txt_len: int = 0
     grid: tuple[int, int, int] = (0, 0, 0)
     heads: int = 0
-    layout: str = ""  # "bhld" (HunyuanVideo, skip_reshape) or "bl(hd)" (Wan): how the output goes back
 
     @staticmethod
     def dense(reason: str) -> "AttentionCall":
         return AttentionCall(False, reason)
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
-        """The sparse result ``[B, H, L, D]`` in the caller's output layout ``[B, L, H * D]``."""
+        """The sparse result ``[B, H, L, D]`` as ComfyUI's attention returns it for every input layout:
+        ``[B, L, H * D]``."""
         b, h, n, d = out.shape
         return out.transpose(1, 2).reshape(b, n, h * d)
 
@@ -129,9 +129,6 @@ class ModelAdapter(abc.ABC):
         if self.weight_only_layers is not None and self.weight_only_layers.match(module_name):
             return WEIGHT_ONLY_SCHEME
         return None
-
-    def head_dim(self, dims) -> int:
-        return 128
 
     # -- tests and proxies -----------------------------------------------------------------------
 

@@ -8,10 +8,12 @@ supported yet), so that a refusal carries its fix.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import functools
+from typing import Sequence
 
 from ..core.errors import QuantSparseError, public
 from .base import ModelAdapter, Shapes
+from .hunyuan_video.dims import V15_MARKERS
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI strips these when it loads a file
 
@@ -21,11 +23,13 @@ class UnknownModelError(QuantSparseError):
     """A file of no supported family, or a checkpoint naming an architecture this version does not know."""
 
 
-def adapters() -> list[ModelAdapter]:
+@functools.lru_cache(maxsize=1)
+def adapters() -> tuple[ModelAdapter, ...]:
+    """One adapter per family (stateless, built once: ``by_name`` runs on every sampling step of the proxy)."""
     from .hunyuan_video.adapter import HunyuanVideoAdapter
     from .wan.adapter import WanAdapter
 
-    return [HunyuanVideoAdapter(), WanAdapter()]
+    return (HunyuanVideoAdapter(), WanAdapter())
 
 
 def supported_text() -> str:
@@ -63,6 +67,15 @@ def detect(shapes: Shapes) -> ModelAdapter:
                             f"{supported_text()}.")
 
 
+def identify(shapes: Shapes) -> tuple[ModelAdapter, object]:
+    """(adapter, dims) of these (prefix-free) shapes. A family's key that its adapter cannot build dims from
+    (another variant ComfyUI builds with its own class, such as Wan VACE, or odd shapes) is a ValueError that
+    says which: such a model must not pass for the family (its extra blocks would share the family's
+    attention-call keys)."""
+    adapter = detect(shapes)
+    return adapter, adapter.dims_from_shapes(shapes)
+
+
 def describe(shapes: Shapes) -> str:
     """A short noun phrase for what a file holds: 'a Wan 2.1 T2V 1.3B model', 'a LoRA', 'a VAE', ..."""
     _, stripped = split_prefix(shapes)
@@ -79,7 +92,7 @@ def describe(shapes: Shapes) -> str:
                 return f"a {a.variant(a.dims_from_shapes(stripped))} model"
             except ValueError:
                 return f"a {a.title} model with unexpected shapes"
-    if starts("double_blocks.") and has("vision_in.", "byt5_in.", "cond_type_embedding."):
+    if starts("double_blocks.") and starts(*V15_MARKERS):
         return "a HunyuanVideo 1.5 model (not supported yet)"
     if starts("double_blocks.") and not has("txt_in.individual_token_refiner."):
         return "a Flux-style image model (not supported)"
@@ -91,7 +104,3 @@ def describe(shapes: Shapes) -> str:
         return "a text encoder (it belongs in ComfyUI's models/text_encoders folder)"
     sample = ", ".join(sorted(keys)[:3])
     return f"an unrecognised model ({len(keys)} tensors, e.g. {sample})"
-
-
-def shapes_of(header_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(int(s) for s in v) for k, v in header_shapes.items()}

@@ -262,10 +262,14 @@ def check_proxy_file(path: str | os.PathLike) -> Path:
 def load_proxy(path: str | os.PathLike = DEFAULT_PATH, dtype: torch.dtype = torch.bfloat16,
                device="cpu") -> nn.Module:
     """The proxy as its family's torch model (``dtype``), checked against ComfyUI's detection rules."""
+    return read_proxy(check_proxy_file(path), dtype, device)
+
+
+def read_proxy(path: Path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:
+    """``load_proxy`` of a file ``check_proxy_file`` has passed."""
     from safetensors.torch import load_file
 
-    path = check_proxy_file(path)
-    sd = load_file(str(path))
+    _, sd = registry.split_prefix(load_file(str(path)))  # as ComfyUI strips model.diffusion_model.
     adapter = proxy_adapter()
     dims = adapter.dims_from_shapes({k: v.shape for k, v in sd.items()})
     model = adapter.build_model(dims, dtype=dtype, device=device)

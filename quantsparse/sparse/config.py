@@ -9,12 +9,23 @@ not deep inside a kernel.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ..core.config import JsonConfig, is_int, is_number
 
 MASK_MODES = ("svg", "topk")
 SSAR_ORDERS = (0, 1, 2)  # 0 = no residual cache (plain sparse), 1 = cached residual, 2 = + rank-r second order
 HEAD_DIM = 128  # HunyuanVideo's head size; the rank-r projection lives in this space
+
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # tokens per query / key block: the kernel's tile sizes
+
+
+def block_size_problem(name: str, b) -> Optional[str]:
+    """Why ``b`` cannot be the block size ``name`` (None when it can): the one rule for configs and widgets."""
+    if not is_int(b) or b not in BLOCK_SIZES:
+        return f"{name} = {b!r}: use a power of two from 16 to 256 ({', '.join(map(str, BLOCK_SIZES[:-1]))} or 256)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -70,9 +81,9 @@ class SparseConfig(JsonConfig):
             raise ValueError(f"SparseConfig.ssar_order={self.ssar_order!r} must be 0 (off), 1 (first order) "
                              "or 2 (second order)")
         for name in ("block_q", "block_k"):
-            b = getattr(self, name)
-            if not is_int(b) or b < 16 or b & (b - 1):
-                raise ValueError(f"SparseConfig.{name}={b!r} must be a power of two >= 16 (a kernel tile size)")
+            problem = block_size_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(f"SparseConfig.{problem} (a kernel tile size)")
         if not is_int(self.svg_sample_rows) or self.svg_sample_rows < 1:
             raise ValueError(f"SparseConfig.svg_sample_rows={self.svg_sample_rows!r} must be an integer >= 1")
 

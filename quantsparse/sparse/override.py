@@ -150,6 +150,11 @@ class SparseRun:
             self._masked_calls += 1
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.ssar.cache_bytes())
 
+    def note_dense_step(self, step: int) -> None:
+        """A video attention call run dense because its step is (warm-up, or density 1)."""
+        self.record(DENSE, step)
+        self.dense_reasons["dense step (warm-up or density 1)"] += 1
+
     def note_passthrough(self, reason: str = "not a video attention call") -> None:
         """A call the patch leaves dense, with the reason the report counts it under."""
         self.calls["passthrough"] += 1
@@ -257,8 +262,7 @@ def sparse_attention_call(run: SparseRun, q: torch.Tensor, k: torch.Tensor, v: t
         return out.to(q.dtype)
     if kind == DENSE:
         out = dense() if dense is not None else _kernel_dense(run, q, k, v, grid, txt_len, key_padding)
-        run.record(DENSE, step)
-        run.dense_reasons["dense step (warm-up or density 1)"] += 1
+        run.note_dense_step(step)
         return out
 
     cfg = run.config

@@ -590,3 +590,24 @@ def test_sparse_patch_on_the_fused_forward(qs, wan_files, name):
     assert s["dense_reasons"] == {"cross-attention": self_calls * (2 if name == "i2v" else 1)}, s
     notes = notes_of(patched)
     assert notes.fused == model_calls * blocks and not notes.fallbacks
+
+
+def test_a_wan_variant_with_extra_blocks_is_not_taken_for_wan_by_the_sparse_patch(comfy_inprocess):
+    """A VACE model (ComfyUI's VaceWanModel: extra vace blocks called with the main blocks' block_index) has Wan's
+    keys plus its own; the patch must not run it as Wan, whose cached residuals are keyed by block index."""
+    from comfyui_quantsparse.nodes.sparse_patch import model_adapter
+    from comfyui_quantsparse.quantsparse.models import registry
+
+    wan = registry.by_name("wan")
+
+    def patcher_of(extra: dict):  # what model_adapter reads of a MODEL: its diffusion model's state dict
+        sd = {**wan.build_model(wan.tiny_dims(), device="meta").state_dict(),
+              **{k: torch.empty(shape, device="meta") for k, shape in extra.items()}}
+        return types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=types.SimpleNamespace(
+            state_dict=lambda: sd)))
+
+    adapter, why = model_adapter(patcher_of({}))
+    assert adapter is wan and why == ""
+    adapter, why = model_adapter(patcher_of({"vace_patch_embedding.weight": (256, 96, 1, 2, 2)}))
+    assert adapter is None
+    assert "Wan VACE" in why and "does not support yet" in why and "runs dense" in why, why

@@ -56,9 +56,6 @@ class HunyuanVideoAdapter(ModelAdapter):
 
         return reference_state_shapes(dims)
 
-    def head_dim(self, dims) -> int:
-        return HEAD_DIM
-
     # -- tests and proxies
 
     def tiny_dims(self) -> HunyuanVideoDims:
@@ -161,4 +158,4 @@ class HunyuanVideoAdapter(ModelAdapter):
         if seq <= call["img_len"]:
             return AttentionCall.dense("no text before the video tokens")
         return AttentionCall(True, q=q, k=k, v=v, txt_len=seq - call["img_len"], grid=call["grid"],
-                             heads=q.shape[1], layout="bhld")
+                             heads=q.shape[1])

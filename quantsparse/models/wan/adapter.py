@@ -26,6 +26,7 @@ from torch import nn
 from ..base import AttentionCall, ModelAdapter, Shapes
 from .dims import HEAD_DIM, PATCH, TRIGGER_KEY, WanDims, dims_from_state_dict, reference_state_shapes, variant_name
 from .layers import ARCHITECTURE, SCHEME_LAYERS, WEIGHT_ONLY_LAYERS
+from .rope import token_grid
 
 BIAS_STD = 0.02
 NORM_STD = 0.1
@@ -64,9 +65,6 @@ class WanAdapter(ModelAdapter):
 
     def reference_shapes(self, dims: WanDims) -> dict[str, tuple[int, ...]]:
         return reference_state_shapes(dims)
-
-    def head_dim(self, dims) -> int:
-        return HEAD_DIM
 
     # -- tests and proxies
 
@@ -113,7 +111,7 @@ class WanAdapter(ModelAdapter):
         tdc = args[4] if len(args) > 4 else kwargs.get("time_dim_concat")
         if isinstance(tdc, torch.Tensor):
             t += tdc.shape[2]
-        grid = (math.ceil(t / PATCH[0]), math.ceil(x.shape[3] / PATCH[1]), math.ceil(x.shape[4] / PATCH[2]))
+        grid = token_grid((t, *x.shape[3:]), PATCH)
         img_len = math.prod(grid)
         context = args[2] if len(args) > 2 else kwargs.get("context")
         clip_fea = args[3] if len(args) > 3 else kwargs.get("clip_fea")
@@ -143,5 +141,4 @@ class WanAdapter(ModelAdapter):
             return AttentionCall.dense("token count differs from the latent grid")
         b, n = q.shape[:2]
         as_bhld = lambda t: t.view(b, n, heads, head_dim).transpose(1, 2)  # noqa: E731  (a view, no copy)
-        return AttentionCall(True, q=as_bhld(q), k=as_bhld(k), v=as_bhld(v), txt_len=0, grid=grid, heads=heads,
-                             layout="bl(hd)")
+        return AttentionCall(True, q=as_bhld(q), k=as_bhld(k), v=as_bhld(v), txt_len=0, grid=grid, heads=heads)

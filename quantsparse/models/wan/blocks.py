@@ -36,7 +36,6 @@ from .dims import WanDims
 from .rope import apply_rope
 
 SELF, CROSS, CROSS_IMG = "self", "cross", "cross_img"
-CALL_TYPES = (SELF, CROSS, CROSS_IMG)
 EPS = 1e-6
 
 
