@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from comfyui_quantsparse.quantsparse.proxy import sample as ps
-from comfyui_quantsparse.quantsparse.core.atomic_io import write_text
+from comfyui_quantsparse.quantsparse.core.paths import write_text_atomic as write_text
 from comfyui_quantsparse.quantsparse.core.config import QuantSparseConfig
 from comfyui_quantsparse.quantsparse.proxy.eval import compare, find_calibrate
 from comfyui_quantsparse.quantsparse.proxy.train import DEFAULT_PATH, load_proxy

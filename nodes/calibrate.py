@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import re
 
 import comfy.model_management
@@ -46,7 +45,7 @@ from ..quantsparse.calib.provenance import calibration_lines
 from ..quantsparse.calib.settings import CalibSettings
 from ..quantsparse.checkpoint.format import checkpoint_replaceable, validate_checkpoint
 from ..quantsparse.core.config import BIT_SCHEMES
-from ..quantsparse.core.paths import probe_writable
+from ..quantsparse.core.paths import output_folder
 from ..quantsparse.core.errors import QuantSparseError
 from ..quantsparse.models import registry
 from .folders import FOLDER
@@ -130,11 +129,7 @@ def check_widgets(file_name, width, height, frames) -> None:
     if file_name is None:
         return
     dst = destination(file_name)
-    folder = os.path.dirname(dst)
-    probe = folder
-    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-    probe_writable(pathlib.Path(probe), f"models/{FOLDER}/{os.path.basename(dst)}")
+    output_folder(os.path.dirname(dst), f"models/{FOLDER}/{os.path.basename(dst)}")  # created when it runs
     if os.path.exists(dst):
         why = checkpoint_replaceable(dst)
         if why:
@@ -295,7 +290,7 @@ class QuantSparseCalibrate(io.ComfyNode):
             loaded, summary = load_quantsparse_model(dst)
             text = [f"models/{FOLDER}/{name} already holds this calibration (same model, prompts and settings): "
                     "loaded it. Change a setting, or delete the file, to calibrate again.",
-                    *calibration_lines(validate_checkpoint(dst).calibration), summary.text()]
+                    *calibration_lines(summary.info.calibration), summary.text()]
             return io.NodeOutput(loaded, ui=ui.PreviewText("\n".join(text)))
         source = _source_path(model)
         work = work_folder(file_name)

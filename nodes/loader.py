@@ -67,7 +67,7 @@ class QuantSparseLoader(io.ComfyNode):
     def execute(cls, ckpt_name: str) -> io.NodeOutput:
         path = checkpoint_path(ckpt_name)
         model, summary = load_quantsparse_model(path)
-        # The header again (milliseconds): what the model is (its family's adapter names the variant, e.g.
-        # "Wan 2.2 I2V A14B expert"), its settings and provenance.
-        provenance = summary_lines(validate_checkpoint(path))
+        # What the model is (its family's adapter names the variant, e.g. "Wan 2.2 I2V A14B expert"), its
+        # settings and provenance.
+        provenance = summary_lines(summary.info)
         return io.NodeOutput(model, ui=ui.PreviewText("\n".join([summary.text(), *provenance])))

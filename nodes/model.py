@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import comfy.sd
 import torch
@@ -57,6 +58,7 @@ class LoadSummary:
     device: str = "cpu"  # where ComfyUI will run the model
     kernels: str = ""  # what the quantized Linears run there
     fused: str = ""  # the fused block forward: how many blocks, or why none
+    info: Any = None  # the CheckpointInfo the load validated (provenance, settings): no second header read
 
     def text(self) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.kinds.items()))
@@ -95,7 +97,7 @@ def load_quantsparse_model(path: str) -> tuple[QuantSparseModelPatcher, LoadSumm
     patcher.cached_patcher_init = (_reload, (path,))
     _check_complete(path, patcher, layers)
     fused = install_fused(patcher)
-    return patcher, summarize(path, patcher, info.quant.bits, fused)
+    return patcher, summarize(path, patcher, info, fused)
 
 
 def install_fused(patcher) -> str:
@@ -137,7 +139,7 @@ def _check_complete(path: str, patcher, layers: dict) -> None:
                          f"(e.g. {[e.removeprefix('diffusion_model.') for e in empty[:3]]}); the file is incomplete")
 
 
-def summarize(path: str, patcher, bits: str, fused: str = "") -> LoadSummary:
+def summarize(path: str, patcher, info, fused: str = "") -> LoadSummary:
     kinds: dict[str, int] = {}
     q_bytes = q_bf16 = q_params = 0
     quantized = quantized_modules(patcher.model)
@@ -156,7 +158,8 @@ def summarize(path: str, patcher, bits: str, fused: str = "") -> LoadSummary:
     kern = "; ".join(f"{', '.join(ks)}: {what}" for (_, what), ks in by_route.items())
     if device.type != "cpu" and not all(fast for fast, _ in by_route):
         log.warning("QuantSparse: the quantized Linears on %s will not all run the fast kernels (%s)", device, kern)
-    return LoadSummary(bits=bits, quantized_layers=len(quantized), kinds=kinds, file_bytes=os.path.getsize(path),
+    return LoadSummary(bits=info.quant.bits, quantized_layers=len(quantized), kinds=kinds, file_bytes=os.path.getsize(path),
                        model_bytes=total, quantized_bytes=q_bytes, quantized_bf16_bytes=q_bf16,
                        dense_bytes=total - q_bytes + q_params * torch.empty(0, dtype=dtype).element_size(),
-                       dtype=str(dtype).removeprefix("torch."), device=str(device), kernels=kern, fused=fused)
+                       dtype=str(dtype).removeprefix("torch."), device=str(device), kernels=kern, fused=fused,
+                       info=info)

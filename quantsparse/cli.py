@@ -249,7 +249,7 @@ def _inspect(path: str, out: TextIO, blocks: bool = False) -> int:
     from .checkpoint.format import validate_checkpoint
     from .core.paths import input_file
 
-    info = validate_checkpoint(input_file(path, "the checkpoint", suffixes=()))
+    info = validate_checkpoint(input_file(path, "the checkpoint"))
     d, c = info.dims, info.config
     kinds = Counter(layer.kind for layer in info.layers.values())
     params = Counter()

@@ -19,9 +19,8 @@ from typing import Optional, Sequence
 import torch
 
 from .cli_common import OneLineParser, run_command
-from .core.atomic_io import write_text
 from .core.config import QuantSparseConfig
-from .core.paths import clean_stale_partials, output_folder
+from .core.paths import clean_stale_partials, output_folder, write_text_atomic as write_text
 from .demo_preview import calibration_svg, write_preview
 from .proxy import sample as ps
 from .proxy.eval import block_errors, calibration_report, compare, model_bytes

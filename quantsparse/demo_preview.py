@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .core.atomic_io import write_bytes
+from .core.paths import write_bytes_atomic as write_bytes
 from .proxy import data as pdata
 from .proxy import sample as ps
 

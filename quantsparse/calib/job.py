@@ -180,7 +180,7 @@ def load_conditioning(path: str | os.PathLike, context_dim: Optional[int] = None
     from .capture import Conditioning
     from .store import load_tensors
 
-    p = input_file(path, "the conditioning file", suffixes=())  # the content decides: read_header sniffs it
+    p = input_file(path, "the conditioning file")  # the content decides: read_header sniffs it
     try:
         read_header(p)
     except SafetensorsError as e:

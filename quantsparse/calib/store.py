@@ -18,23 +18,22 @@ from typing import Iterator, Mapping, Optional
 
 import torch
 
-from ..core.paths import write_bytes_atomic
+from ..core.paths import write_text_atomic
+from ..core.safetensors_io import write_safetensors
 
 DEFAULT_MEMORY_BUDGET = 8 << 30
 COMPLETE = "complete.json"
 
 
 def save_tensors_atomic(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
-    """safetensors file at ``path``, complete or absent (a locked partial file, fsync, rename)."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-    write_bytes_atomic(path, data)
+    """safetensors file at ``path``, complete or absent (the checkpoints' streaming writer: a locked partial
+    file, fsync, rename), metadata values as JSON."""
+    write_safetensors(path, {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                      {k: json.dumps(v) for k, v in (metadata or {}).items()}, overwrite=True)
 
 
 def write_json_atomic(path: str, data) -> None:
-    write_bytes_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def read_metadata(path: str) -> dict:

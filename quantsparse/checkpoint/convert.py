@@ -35,7 +35,7 @@ from ..core.paths import PathError, clean_stale_partials, input_file, output_fil
 from ..core.quantizer import QuantizedWeight, quantize_weight
 from ..core.safetensors_io import SafetensorsError, SafetensorsHeader, SafetensorsWriter, read_header
 from ..models import registry
-from .sources import SourceFormError, SourceLayout, SourceReader, read_layout, refuse_other_formats
+from .sources import CHUNK_ELEMENTS, SourceFormError, SourceLayout, SourceReader, read_layout, refuse_other_formats
 from .format import (
     FLOAT_DTYPE,
     METADATA_KEY,
@@ -46,7 +46,6 @@ from .format import (
     quantized_layers,
 )
 
-CHUNK_ELEMENTS = 1 << 20  # rows per quantize_weight call: 8 MB of float64 temporaries
 _LIST_FIRST = 5
 
 
@@ -133,7 +132,7 @@ def inspect_source(src: str | os.PathLike) -> SourcePlan:
     files whose scales do not fit their weights.
     """
     try:
-        p = str(input_file(src, "the source model", suffixes=()))
+        p = str(input_file(src, "the source model"))
         refuse_other_formats(p)
         header = read_header(p)
     except (SafetensorsError, PathError, SourceFormError) as e:

@@ -29,11 +29,12 @@ from ..core.safetensors_io import (
     SafetensorsError,
     TensorEntry,
     TensorSpec,
+    dtype_name,
     read_header,
     write_safetensors,
 )
 from ..core.version import __version__
-from ..core.config import kind_group_size, kind_rotate
+from ..core.config import is_int, kind_group_size, kind_rotate
 from ..models import registry
 from ..models.base import ModelAdapter
 
@@ -54,10 +55,6 @@ class CheckpointError(QuantSparseError):
 
 def _error(path: str, problem: str, fix: str) -> CheckpointError:
     return CheckpointError(f"{path}: {problem}. {fix}.")
-
-
-def tool_version() -> str:
-    return __version__
 
 
 # ---------------------------------------------------------------------------- the layer table
@@ -114,7 +111,7 @@ class LayerSpec(Mapping):
         kind_bits(spec.kind)  # unknown kinds are a ValueError here, not a KeyError later
         for f in ("in_features", "out_features", "group_size"):
             v = getattr(spec, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if not is_int(v) or v < 0:
                 raise ValueError(f"layer field {f} must be a non-negative integer, got {v!r}")
         if not isinstance(spec.rotate, bool):
             raise ValueError(f"layer field rotate must be a bool, got {spec.rotate!r}")
@@ -174,7 +171,7 @@ class CheckpointMeta:
             "layers": {p: spec.to_dict() for p, spec in self.layers.items()},
             "calibration": self.calibration,
             "sparse_defaults": dict(self.sparse_defaults),
-            "created_by": {"tool": TOOL_NAME, "version": tool_version()},
+            "created_by": {"tool": TOOL_NAME, "version": __version__},
         }
         try:
             return json.dumps(doc, sort_keys=False, allow_nan=False)
@@ -278,11 +275,11 @@ def read_checkpoint_header(path: str | os.PathLike) -> CheckpointInfo:
                      "The file is damaged; re-create it with `quantsparse convert`")
     version = doc.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
-        newer = isinstance(version, int) and not isinstance(version, bool) and version > max(SUPPORTED_FORMAT_VERSIONS)
+        newer = is_int(version) and version > max(SUPPORTED_FORMAT_VERSIONS)
         fix = ("Update comfyui-quantsparse to a version that reads it" if newer
                else "Re-create it with this version's `quantsparse convert`")
         raise _error(p, f"its checkpoint format version is {version!r}, but this comfyui-quantsparse "
-                        f"({tool_version()}) reads format version(s) {list(SUPPORTED_FORMAT_VERSIONS)}", fix)
+                        f"({__version__}) reads format version(s) {list(SUPPORTED_FORMAT_VERSIONS)}", fix)
     arch = doc.get("architecture")
     try:
         adapter = registry.by_name(arch)
@@ -340,7 +337,7 @@ def _describe_foreign(path: str, header) -> str:
         return (f"{path} is not a QuantSparse checkpoint: it looks like {registry.describe(header.shapes)}. "
                 "QuantSparse loads the checkpoints that `quantsparse convert` or the Calibrate node make from: "
                 f"{registry.supported_text()}.")
-    dtypes = sorted({str(e.dtype).replace("torch.", "") for e in header.tensors.values()})
+    dtypes = sorted({dtype_name(e.dtype) for e in header.tensors.values()})
     return (f"{path}: it is a plain {adapter.variant(dims)} model ({', '.join(dtypes)}) without 'quantsparse' "
             f"metadata; {CONVERT_HINT} (quantsparse convert {os.path.basename(path)} OUT.safetensors --bits w4a8).")
 
@@ -377,7 +374,7 @@ def validate_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
             f"{n} expected {list(a)} found {list(b)}" for n, a, b in wrong_shape[:_LIST_FIRST]))
     if wrong_dtype:
         problems.append(f"{len(wrong_dtype)} tensor(s) of the wrong dtype: " + "; ".join(
-            f"{n} expected {_dt(a)} found {_dt(b)}" for n, a, b in wrong_dtype[:_LIST_FIRST]))
+            f"{n} expected {dtype_name(a)} found {dtype_name(b)}" for n, a, b in wrong_dtype[:_LIST_FIRST]))
     if problems:
         raise _error(p, "its tensors do not match its metadata (" + f"{info.config.bits}, "
                         f"{info.adapter.variant(info.dims)}): " + "; ".join(problems),
@@ -404,9 +401,6 @@ def validate_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
                      "The file was written by an incompatible tool; re-create it with `quantsparse convert`")
     return info
 
-
-def _dt(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"

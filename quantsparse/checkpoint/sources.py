@@ -47,7 +47,7 @@ from typing import Any, Optional
 import torch
 
 from ..core.errors import QuantSparseError, public
-from ..core.safetensors_io import SafetensorsHeader, TensorFile
+from ..core.safetensors_io import SafetensorsHeader, TensorFile, dtype_name
 from ..models import registry
 
 # Stored forms
@@ -61,12 +61,11 @@ QUANTIZED_FORMS = (FP8_SCALED, COMFY_FP8, INT8, INT8_CONVROT) + tuple(FP8.values
 
 MARKER = "scaled_fp8"
 METADATA_QUANT = "_quantization_metadata"
-_LEGACY_AUX = (".scale_weight", ".scale_input")
 _COMFY_AUX = (".weight_scale", ".input_scale")
 _DECLARATION = ".comfy_quant"
 _COMFY_FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 _SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_CHUNK_ELEMENTS = 1 << 20  # rows dequantized at a time: 8 MB of float64 temporaries
+CHUNK_ELEMENTS = 1 << 20  # elements per chunk of a (de)quantized weight: 8 MB of float64 temporaries
 
 # comfy_quant formats refused, with what they are. 4-bit ones share one reason; MXFP8 has its own.
 _FOUR_BIT = {
@@ -113,7 +112,6 @@ class SourceLayout:
     prefix: str  # "" or the prefix ComfyUI strips (registry.PREFIXES)
     tensors: dict[str, SourceTensor]  # model tensors by ComfyUI name, in file order
     ignored: int  # tensors outside the diffusion model (VAE, text encoders of an all-in-one file)
-    auxiliary: int  # scales, declarations and markers consumed
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -195,7 +193,7 @@ def _declarations(header: SafetensorsHeader, prefix: str, local: dict[str, str],
                 e = header.tensors[key]
                 if e.dtype not in (torch.uint8, torch.int8) or len(e.shape) != 1:
                     raise SourceFormError(
-                        f"{path}: {key} is {_dt(e.dtype)} {list(e.shape)}, not the 1-D uint8 JSON a comfy_quant "
+                        f"{path}: {key} is {dtype_name(e.dtype)} {list(e.shape)}, not the 1-D uint8 JSON a comfy_quant "
                         "declaration is; the file is damaged or was edited. " + _download(None))
                 conf = _parse_json(bytes(f.get(key).numpy().tobytes()), key, path)
                 out[n[: -len(_DECLARATION)]] = (conf, key)
@@ -300,13 +298,13 @@ def read_layout(header: SafetensorsHeader) -> SourceLayout:
                       f"{prefix}{layer}.scale_weight")
         if fmt == INT8:
             if w.dtype != torch.int8:
-                raise bad(f"{prefix}{wname} is declared int8_tensorwise but is stored as {_dt(w.dtype)}")
+                raise bad(f"{prefix}{wname} is declared int8_tensorwise but is stored as {dtype_name(w.dtype)}")
             group = _convrot_group(conf, layer, where, w.shape, path, guess)
             plan[wname] = dict(form=INT8_CONVROT if group else INT8, scale=local[sname], convrot_group=group)
         else:  # float8_e4m3fn / float8_e5m2 (ComfyUI reads fp8 stored as uint8 by viewing it)
             want = _COMFY_FP8_FORMATS[fmt]
             if w.dtype not in (want, torch.uint8):
-                raise bad(f"{prefix}{wname} is declared {fmt!r} but is stored as {_dt(w.dtype)}")
+                raise bad(f"{prefix}{wname} is declared {fmt!r} but is stored as {dtype_name(w.dtype)}")
             plan[wname] = dict(form=COMFY_FP8, scale=local[sname],
                                fp8_dtype=want if w.dtype == torch.uint8 else None)
         consumed |= {f"{layer}{_DECLARATION}", sname}
@@ -326,7 +324,7 @@ def read_layout(header: SafetensorsHeader) -> SourceLayout:
             raise bad(f"{prefix}{n} is a weight scale without its weight {prefix}{wname}")
         w = header.tensors[local[wname]]
         if w.dtype not in FP8:
-            raise bad(f"{prefix}{n} scales {prefix}{wname}, which is {_dt(w.dtype)}, not fp8")
+            raise bad(f"{prefix}{n} scales {prefix}{wname}, which is {dtype_name(w.dtype)}, not fp8")
         _check_scale(header, local[n], w, bad)
         plan[wname] = dict(form=FP8_SCALED, scale=local[n])
         consumed.add(n)
@@ -363,7 +361,7 @@ def read_layout(header: SafetensorsHeader) -> SourceLayout:
                 how = dict(form=FP8[e.dtype])
             else:
                 raise SourceFormError(
-                    f"{path}: {key} is stored as {_dt(e.dtype)} and nothing in the file (a comfy_quant declaration, "
+                    f"{path}: {key} is stored as {dtype_name(e.dtype)} and nothing in the file (a comfy_quant declaration, "
                     f"a scale) says how to read it as a weight; this converter reads {_READ_TEXT}. "
                     + _download(guess))
         aux = [how["scale"]] if how.get("scale") else []
@@ -376,13 +374,13 @@ def read_layout(header: SafetensorsHeader) -> SourceLayout:
         tensors[n] = SourceTensor(n, key, how["form"], e.dtype, tuple(e.shape), nbytes, how.get("scale"),
                                   how.get("fp8_dtype"), how.get("convrot_group", 0))
     ignored = len([k for k in outside if k not in markers])
-    return SourceLayout(header, prefix, tensors, ignored, len(local) - len(tensors) + len(set(markers) & set(outside)))
+    return SourceLayout(header, prefix, tensors, ignored)
 
 
 def _check_scale(header: SafetensorsHeader, key: str, weight, bad) -> None:
     s = header.tensors[key]
     if s.dtype not in _SCALE_DTYPES:
-        raise bad(f"{key} is {_dt(s.dtype)}; a weight scale is a float")
+        raise bad(f"{key} is {dtype_name(s.dtype)}; a weight scale is a float")
     per_row = len(weight.shape) >= 2 and tuple(s.shape) == (weight.shape[0], 1)
     if math.prod(s.shape) != 1 and not per_row:
         raise bad(f"{key} has shape {list(s.shape)}; a weight scale is a scalar or one per output row "
@@ -412,9 +410,6 @@ def _convrot_group(conf: dict, layer: str, where: str, shape, path: str, adapter
             "cannot be undone exactly from what the file stores, so it cannot be converted. " + _download(adapter))
     return group
 
-
-def _dt(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -456,7 +451,7 @@ class SourceReader:
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor, convrot_group: int = 0,
-               chunk_elements: int = _CHUNK_ELEMENTS) -> torch.Tensor:
+               chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """``data`` (fp8 or int8) x ``scale`` (a scalar or one per row), rotated back from ConvRot when
     ``convrot_group``, as float32: computed exactly in float64 a few rows at a time, then rounded once."""
     shape = data.shape

@@ -49,8 +49,9 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def input_file(path: str | os.PathLike, what: str, *, suffixes: Iterable[str] = (".safetensors",)) -> Path:
-    """``path`` as a readable file of one of ``suffixes`` (any suffix if empty)."""
+def input_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as an existing, readable file; its name's suffix is not checked (``read_header`` reads what the
+    content is, and names a pickle or a GGUF file for what it is)."""
     p = Path(path)
     if not p.exists():
         hint = ""
@@ -59,10 +60,6 @@ def input_file(path: str | os.PathLike, what: str, *, suffixes: Iterable[str] = 
         raise PathError(f"{what} {p} does not exist{hint}; check the path.")
     if p.is_dir():
         raise PathError(f"{what} {p} is a folder; give the file inside it.")
-    suffixes = tuple(s.lower() for s in suffixes)
-    if suffixes and p.suffix.lower() not in suffixes:
-        raise PathError(f"{what} {p} is not a {' or '.join(suffixes)} file; QuantSparse reads only "
-                        f"{' / '.join(suffixes)} (never pickles).")
     if not os.access(p, os.R_OK):
         raise PathError(f"{what} {p} cannot be read (permission denied); fix its permissions.")
     return p
@@ -91,7 +88,7 @@ def output_file(path: str | os.PathLike, what: str, *, inputs: Iterable[str | os
     """
     p = Path(path)
     for inp in inputs:
-        if inp is not None and (same_file(p, inp) if p.exists() else Path(inp).resolve() == p.resolve()):
+        if inp is not None and same_file(p, inp):
             raise PathError(f"{what} {p} is the same file as the input {inp}; a command never writes over its "
                             "own input (not even with --overwrite). Give the output a new name.")
     if suffix and p.suffix.lower() != suffix:
@@ -166,47 +163,42 @@ def _in_use(path: Path) -> bool:
         os.close(fd)
 
 
+def _remove_stale(partials: Iterable[Path], busy: Callable[[Path], str]) -> list[tuple[Path, int]]:
+    """Remove unlocked partial files: (path, size) of each removed; a locked one means another run is busy."""
+    removed = []
+    for p in partials:
+        try:
+            if _in_use(p):
+                raise PathError(busy(p))
+            size = p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append((p, size))
+    return removed
+
+
 def clean_stale_partials(target: str | os.PathLike, log: Optional[Callable[[str], None]] = None) -> list[Path]:
     """Remove the partial files an interrupted run left for ``target``, saying so; refuse when another run
     is writing ``target`` right now."""
-    removed = []
-    for p in partial_files(target):
-        try:
-            busy = _in_use(p)
-            size = p.stat().st_size
-        except FileNotFoundError:
-            continue
-        if busy:
-            raise PathError(f"another QuantSparse run is writing {target} right now ({p.name}); wait for it to "
-                            "finish or stop it, then run again.")
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            continue
-        removed.append(p)
+    removed = _remove_stale(partial_files(target), lambda p: f"another QuantSparse run is writing {target} right "
+                            f"now ({p.name}); wait for it to finish or stop it, then run again.")
+    for p, size in removed:
         if log is not None:
             log(f"removed {p} ({human_bytes(size)}), left by an interrupted run")
-    return removed
+    return [p for p, _ in removed]
 
 
 def clean_stale_partials_under(folder: str | os.PathLike, log: Optional[Callable[[str], None]] = None) -> list[Path]:
-    """The same for every partial file anywhere under ``folder`` (a resumable work folder)."""
-    removed = []
+    """The same for every partial file anywhere under ``folder`` (a resumable work folder), said in one line."""
     root = Path(folder)
     if not root.is_dir():
-        return removed
-    for p in sorted(root.rglob(f".*{PARTIAL}")):
-        try:
-            if _in_use(p):
-                raise PathError(f"another QuantSparse run is using {root} right now ({p}); wait for it to "
-                                "finish or stop it, then run again.")
-            p.unlink()
-        except FileNotFoundError:
-            continue
-        removed.append(p)
+        return []
+    removed = _remove_stale(sorted(root.rglob(f".*{PARTIAL}")), lambda p: f"another QuantSparse run is using "
+                            f"{root} right now ({p}); wait for it to finish or stop it, then run again.")
     if removed and log is not None:
         log(f"removed {len(removed)} partial file(s) under {root}, left by an interrupted run")
-    return removed
+    return [p for p, _ in removed]
 
 
 def human_bytes(n: int) -> str:
@@ -227,14 +219,12 @@ class PartialFile:
         self.path: Optional[Path] = Path(tmp)
         _lock(fd)
 
-    def commit(self, *, overwrite: bool, check: Optional[Callable[[], None]] = None) -> None:
-        """fsync, then rename onto the target (``check`` runs just before: the target may have appeared)."""
+    def commit(self, *, overwrite: bool) -> None:
+        """fsync, then rename onto the target (refused when the target appeared meanwhile, unless ``overwrite``)."""
         try:
             os.fsync(self.fd)
             os.chmod(self.path, 0o666 & ~_umask())
-            if check is not None:
-                check()
-            elif self.target.exists() and not overwrite:
+            if self.target.exists() and not overwrite:
                 raise PathError(f"{self.target} appeared while it was being written; nothing was replaced.")
             os.replace(self.path, self.target)
             self.path = None
@@ -268,6 +258,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool 
     except BaseException:
         part.abort()
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """``write_bytes_atomic`` of UTF-8 text (reports, previews, results, state files)."""
+    write_bytes_atomic(path, text.encode())
 
 
 def _umask() -> int:

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from .config import is_int
 from .errors import QuantSparseError, public
 from .paths import PartialFile
 
@@ -62,6 +63,11 @@ _WRITE_CHUNK = 64 << 20  # a single write(2) caps at ~2 GiB; smaller chunks keep
 @public
 class SafetensorsError(QuantSparseError):
     """A file that is not a readable safetensors file, or a write that cannot be done."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float8_e4m3fn`` -> ``float8_e4m3fn``, as messages name a stored dtype."""
+    return str(dtype).replace("torch.", "")
 
 
 def st_dtype_name(dtype: torch.dtype) -> str:
@@ -252,11 +258,11 @@ def _parse_entry(path: str, name: str, info: object) -> TensorEntry:
             f"{path}: tensor {name!r} has dtype {dtype!r}, which is not a safetensors dtype this reader knows "
             f"(known: {', '.join(ST_DTYPES)}); the file is corrupt or from a newer format."
         )
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise SafetensorsError(
             f"{path} is corrupt: tensor {name!r} has shape {shape!r}; expected a list of sizes >= 0.")
     if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or not all(is_int(o) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]):
         raise SafetensorsError(
             f"{path} is corrupt: tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] with begin <= end."
@@ -383,8 +389,7 @@ class SafetensorsWriter:
                 f"nothing was saved."
             )
         part, self._part, self._fd = self._part, None, None
-        # the destination may have appeared while we wrote
-        part.commit(overwrite=self.overwrite, check=lambda: check_destination(self.path, self.overwrite))
+        part.commit(overwrite=self.overwrite)  # refuses a destination that appeared while we wrote
 
     def abort(self) -> None:
         if self._part is not None:

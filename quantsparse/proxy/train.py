@@ -245,7 +245,7 @@ def check_proxy_file(path: str | os.PathLike) -> Path:
     from ..core.paths import input_file
     from ..core.safetensors_io import read_header
 
-    p = input_file(path, "the proxy weights (--weights)", suffixes=())
+    p = input_file(path, "the proxy weights (--weights)")
     header = read_header(p)
     if CHECKPOINT_KEY in (header.metadata or {}):
         raise QuantSparseError(f"--weights {p} is a QuantSparse checkpoint; the demo quantizes the model itself and "

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
-from ...core.config import JsonConfig
+from ...core.config import JsonConfig, is_int, is_number
 from ..base import count_blocks, shape_of
 
 HEAD_DIM = 128  # ComfyUI derives num_heads = hidden // 128, so no other head size survives a reload
@@ -59,7 +59,7 @@ class HunyuanVideoDims(JsonConfig):
         for name in ("qkv_bias", "guidance_embed"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"HunyuanVideoDims.{name} must be a bool, got {getattr(self, name)!r}")
-        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
+        if not is_number(self.mlp_ratio) or self.mlp_ratio <= 0:
             raise ValueError(f"HunyuanVideoDims.mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
         object.__setattr__(self, "mlp_ratio", float(self.mlp_ratio))
         if len(self.patch_size) != 3:
@@ -121,7 +121,7 @@ class HunyuanVideoDims(JsonConfig):
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"HunyuanVideoDims.{name} must be an integer >= {minimum}, got {value!r}")
 
 
