@@ -41,7 +41,7 @@ try:
 except ImportError:  # older Triton, or none
     TensorDescriptor = None
 
-HEAD_DIM = 128
+HEAD_DIM = 128  # the one head size the kernel takes (every supported family's)
 MODES = ("sparse", "dense", "complement", "refresh")
 _MODE_ID = {m: i for i, m in enumerate(MODES)}
 LOG2E = 1.4426950408889634
@@ -73,7 +73,7 @@ def _check(q, k, v, kv_blocks, kv_counts, txt_len, key_padding, mode, block_q, b
         raise ValueError(f"{name}: q, k, v are on different devices")
     b, h, seq, d = q.shape
     if d != HEAD_DIM:
-        raise ValueError(f"{name}: head dim {d} is not supported (HunyuanVideo's is {HEAD_DIM})")
+        raise ValueError(f"{name}: head dim {d} is not supported (the kernel takes {HEAD_DIM})")
     if isinstance(txt_len, bool) or not isinstance(txt_len, int) or not 0 <= txt_len <= seq:
         raise ValueError(f"{name}: txt_len={txt_len!r} must be an int in [0, L={seq}]")
     for bs, n in ((block_q, "block_q"), (block_k, "block_k")):

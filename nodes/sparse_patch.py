@@ -27,7 +27,7 @@ import comfy.patcher_extension
 import torch
 from comfy_api.latest import io
 
-from ..quantsparse.sparse.config import BLOCK_SIZES, MASK_MODES, SparseConfig, block_size_problem
+from ..quantsparse.sparse.config import BLOCK_SIZES, HEAD_DIM, MASK_MODES, SparseConfig, block_size_problem
 from ..quantsparse.sparse.override import SparseRun, format_summary, key_padding_from_mask, sparse_attention_call
 from ..quantsparse.models import registry
 from ..quantsparse.sparse.ssar import DENSE
@@ -81,7 +81,7 @@ def sparse_inputs() -> list:
                        tooltip="Fraction of the first (high-noise) steps run with dense attention."),
         io.Int.Input("refresh_interval", default=d.refresh_interval, min=1, max=100,
                      tooltip="SSAR recomputes dense attention (and its residual cache) every this many steps."),
-        io.Int.Input("rank", default=d.rank, min=1, max=128,  # the head size of every supported family
+        io.Int.Input("rank", default=d.rank, min=1, max=HEAD_DIM,  # the sparse kernel's head size
                      tooltip="Rank of SSAR's second-order correction."),
         io.Int.Input("ssar_order", default=d.ssar_order, min=0, max=2,
                      tooltip="0: plain sparse; 1: add the cached residual; 2: plus its rank-r change."),

@@ -57,16 +57,15 @@ def block_layers(block: nn.Module, ref: BlockRef, settings: CalibSettings, adapt
 # ------------------------------------------------------------------------------------ one call
 
 class _Family:
-    """The family's calibration hooks for one block: geometry, RoPE tables (cached per geometry on the
-    device), and running the block on a sample."""
+    """The family's calibration hooks for one block: running it on a sample, and the RoPE tables of a
+    geometry (cached on the device). A sample's geometry ``(grid, txt_len)`` is read once, from the host
+    sample (reading it from a device copy would synchronise on every training step)."""
 
     def __init__(self, adapter: ModelAdapter, ref: BlockRef, dims, device):
         self.adapter, self.ref, self.dims, self.device, self.cache = adapter, ref, dims, device, {}
 
-    def geometry(self, sample):
-        return self.adapter.calib_geometry(sample)
-
-    def rope(self, grid, txt_len):
+    def rope(self, geom):
+        grid, txt_len = geom
         key = (tuple(grid), txt_len)
         if key not in self.cache:
             self.cache[key] = self.adapter.calib_rope(self.dims, grid, txt_len, self.device)
@@ -86,7 +85,7 @@ def _to(sample: dict[str, torch.Tensor], device, dtype=None) -> dict[str, torch.
         v = v.to(device, non_blocking=True)
         if v.is_inference():  # recorded under ComfyUI's inference mode: autograd cannot save those
             v = v.clone()
-        if dtype is not None and v.is_floating_point() and k in ("img", "txt", "x", "vec", "mask"):
+        if dtype is not None and v.is_floating_point():  # activations and the additive mask: the block's dtype
             v = v.to(dtype)
         out[k] = v
     return out
@@ -115,7 +114,7 @@ class Target:
 
 
 @torch.no_grad()
-def full_model_targets(block: nn.Module, fam: _Family, sample: dict[str, torch.Tensor], pe: torch.Tensor,
+def full_model_targets(block: nn.Module, fam: _Family, sample: dict[str, torch.Tensor], geom, pe: torch.Tensor,
                        settings: CalibSettings, act_absmax: dict[str, torch.Tensor], names: Sequence[str]
                        ) -> Target:
     """Dense forward of the full-precision ``block`` on one (device) sample; also accumulates each quantized
@@ -126,7 +125,7 @@ def full_model_targets(block: nn.Module, fam: _Family, sample: dict[str, torch.T
             a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
             act_absmax[name] = a if name not in act_absmax else torch.maximum(act_absmax[name], a)
         hooks.append(block.get_submodule(name).register_forward_hook(hook))
-    grid, txt_len = fam.geometry(sample)
+    grid, txt_len = geom
     attn = CalibAttention(grid=grid, txt_len=txt_len)
     try:
         out = fam.run(block, sample, pe, attn)
@@ -146,17 +145,18 @@ def full_model_targets(block: nn.Module, fam: _Family, sample: dict[str, torch.T
 
 # ------------------------------------------------------------------------------------ losses
 
-def sample_losses(qblock: nn.Module, fam: _Family, sample, target: Target, pe, settings: CalibSettings,
+def sample_losses(qblock: nn.Module, fam: _Family, sample, geom, target: Target, settings: CalibSettings,
                   token_masks: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(output MSE, L_global, L_local) of the quantized block on one device sample."""
-    grid, txt_len = fam.geometry(sample)
+    """(output MSE, L_global, L_local) of the quantized block on one device sample of geometry ``geom``."""
+    grid, txt_len = geom
+    pe = fam.rope(geom)
     mask = None
     if settings.masked:
         key = (grid, txt_len)
         if key not in token_masks:  # the additive form, made once: a [L, L] mask is 400 MB at 848x480x33
             keep = band_token_mask(grid, txt_len, settings.density, settings.block_q, settings.block_k,
                                    device=pe.device)
-            dtype = sample["vec"].dtype
+            dtype = next(v.dtype for v in sample.values() if v.is_floating_point())  # the block's (see _to)
             token_masks[key] = torch.zeros(keep.shape, dtype=dtype, device=pe.device).masked_fill_(~keep, float("-inf"))
         mask = token_masks[key]
     attn = CalibAttention(grid=grid, txt_len=txt_len, token_mask=mask, temporal=target.temporal)
@@ -179,13 +179,12 @@ def _set_mode(layers: dict[str, FakeQuantLinear], *, rtn: bool) -> None:
         m.rtn = rtn
 
 
-def _evaluate(qblock, fam: _Family, samples, targets, settings, token_masks, device, dtype) -> dict[str, float]:
+def _evaluate(qblock, fam: _Family, samples, geoms, targets, settings, token_masks, device, dtype
+              ) -> dict[str, float]:
     sums = {"out": 0.0, "global": 0.0, "local": 0.0}
     with torch.no_grad():
-        for s, t in zip(samples, targets):
-            sd = _to(s, device, dtype)
-            grid, txt_len = fam.geometry(sd)
-            terms = sample_losses(qblock, fam, sd, t.to(device), fam.rope(grid, txt_len), settings, token_masks)
+        for s, geom, t in zip(samples, geoms, targets):
+            terms = sample_losses(qblock, fam, _to(s, device, dtype), geom, t.to(device), settings, token_masks)
             for key, v in zip(("out", "global", "local"), terms):
                 sums[key] += float(v)
     return {k: v / max(1, len(samples)) for k, v in sums.items()}
@@ -232,10 +231,11 @@ def _calibrate_block(ref: BlockRef, samples, settings, dims, *, device, dtype, o
     # 1. full-model targets, one sample at a time
     act_absmax: dict[str, torch.Tensor] = {}
     targets: list[Target] = []
+    geoms = []
     for n, s in enumerate(samples):
+        geoms.append(adapter.calib_geometry(s))
         sd = _to(s, device, dtype)
-        grid, txt_len = fam.geometry(sd)
-        t = full_model_targets(fp, fam, sd, fam.rope(grid, txt_len), settings, act_absmax, list(names))
+        t = full_model_targets(fp, fam, sd, geoms[n], fam.rope(geoms[n]), settings, act_absmax, list(names))
         host_out = {k: v.to("cpu") for k, v in t.out.items()}
         if on_outputs is not None:
             on_outputs(n, host_out)
@@ -251,7 +251,7 @@ def _calibrate_block(ref: BlockRef, samples, settings, dims, *, device, dtype, o
     for p in fp.parameters():
         p.requires_grad_(False)
     token_masks: dict = {}
-    ev = lambda: _evaluate(fp, fam, samples, targets, settings, token_masks, device, dtype)  # noqa: E731
+    ev = lambda: _evaluate(fp, fam, samples, geoms, targets, settings, token_masks, device, dtype)  # noqa: E731
     _set_mode(layers, rtn=True)
     rtn = ev()
     _set_mode(layers, rtn=False)
@@ -288,9 +288,7 @@ def _calibrate_block(ref: BlockRef, samples, settings, dims, *, device, dtype, o
         for i in torch.randperm(len(samples), generator=gen).tolist():
             if check_stop is not None:
                 check_stop()
-            sd = _to(samples[i], device, dtype)
-            grid, txt_len = fam.geometry(sd)
-            l_out, l_g, l_l = sample_losses(fp, fam, sd, targets[i].to(device), fam.rope(grid, txt_len),
+            l_out, l_g, l_l = sample_losses(fp, fam, _to(samples[i], device, dtype), geoms[i], targets[i].to(device),
                                             settings, token_masks)
             loss = l_out + lg * l_g + ll * l_l
             opt.zero_grad(set_to_none=True)

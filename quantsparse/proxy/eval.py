@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..calib.attention import CalibAttention
+from ..calib.capture import model_inputs
 from ..core.metrics import psnr, ssim
 from ..models import registry
 from .sample import CalibrateFn, SampleResult, decode, resolve_calibrate, rtn_calibrate
@@ -75,11 +76,10 @@ def block_errors(dense, quant, inputs: Sequence[tuple]) -> dict:
     d_refs, q_refs = adapter.calib_blocks(dense), adapter.calib_blocks(quant)
     sums = dict.fromkeys((r.key for r in d_refs), 0.0)
     for x, t, ctx, y, g in inputs:
-        sample = adapter.calib_first_inputs(dense, {"x": x, "timestep": t, "context": ctx, "y": y, "guidance": g},
-                                            x.device)
+        sample = adapter.calib_first_inputs(dense, model_inputs(x, t, ctx, y, g), x.device)
+        grid, txt_len = adapter.calib_geometry(sample)  # one geometry through all blocks
+        pe = adapter.calib_rope(dense.dims, grid, txt_len, x.device)
         for n, (dr, qr) in enumerate(zip(d_refs, q_refs)):
-            grid, txt_len = adapter.calib_geometry(sample)
-            pe = adapter.calib_rope(dense.dims, grid, txt_len, x.device)
             attn = CalibAttention(grid=grid, txt_len=txt_len, record=False)
             d_out = adapter.calib_run_block(dr, dr.module, sample, pe, attn)
             q_out = adapter.calib_run_block(qr, qr.module, sample, pe, attn)

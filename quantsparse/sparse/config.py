@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ...kernels.sparse_attention import HEAD_DIM as KERNEL_HEAD_DIM
 from ..core.config import JsonConfig, is_int, is_number
 
 MASK_MODES = ("svg", "topk")
 SSAR_ORDERS = (0, 1, 2)  # 0 = no residual cache (plain sparse), 1 = cached residual, 2 = + rank-r second order
-HEAD_DIM = 128  # HunyuanVideo's head size; the rank-r projection lives in this space
+HEAD_DIM = KERNEL_HEAD_DIM  # the sparse kernel's head size; the rank-r projection lives in this space
 
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # tokens per query / key block: the kernel's tile sizes

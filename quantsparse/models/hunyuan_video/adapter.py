@@ -15,8 +15,9 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from ...sparse.config import HEAD_DIM as SPARSE_HEAD_DIM
 from ..base import AttentionCall, BlockRef, ModelAdapter, SamplingDefaults, Shapes
-from .dims import V15_MARKERS, HEAD_DIM, TRIGGER_KEY, HunyuanVideoDims, dims_from_state_dict
+from .dims import V15_MARKERS, TRIGGER_KEY, HunyuanVideoDims, dims_from_state_dict
 from .layers import ARCHITECTURE, SCHEME_LAYERS, WEIGHT_ONLY_LAYERS
 
 
@@ -152,8 +153,8 @@ class HunyuanVideoAdapter(ModelAdapter):
         q, k, v = args[:3]
         if not kwargs.get("skip_reshape") or q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
             return AttentionCall.dense("unsupported layout")
-        if q.shape[-1] != HEAD_DIM:
-            return AttentionCall.dense(f"head size {q.shape[-1]} (the kernel takes {HEAD_DIM})")
+        if q.shape[-1] != SPARSE_HEAD_DIM:
+            return AttentionCall.dense(f"head size {q.shape[-1]} (the kernel takes {SPARSE_HEAD_DIM})")
         seq = q.shape[2]
         if seq <= call["img_len"]:
             return AttentionCall.dense("no text before the video tokens")

@@ -23,8 +23,9 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from ...sparse.config import HEAD_DIM as SPARSE_HEAD_DIM
 from ..base import AttentionCall, ModelAdapter, Shapes
-from .dims import HEAD_DIM, PATCH, TRIGGER_KEY, WanDims, dims_from_state_dict, reference_state_shapes, variant_name
+from .dims import PATCH, TRIGGER_KEY, WanDims, dims_from_state_dict, reference_state_shapes, variant_name
 from .layers import ARCHITECTURE, SCHEME_LAYERS, WEIGHT_ONLY_LAYERS
 from .rope import token_grid
 
@@ -134,8 +135,8 @@ class WanAdapter(ModelAdapter):
         if v.shape != k.shape or k.shape != q.shape:
             return AttentionCall.dense("unsupported layout")
         head_dim = q.shape[-1] // heads
-        if head_dim != HEAD_DIM:
-            return AttentionCall.dense(f"head size {head_dim} (the kernel takes {HEAD_DIM})")
+        if head_dim != SPARSE_HEAD_DIM:
+            return AttentionCall.dense(f"head size {head_dim} (the kernel takes {SPARSE_HEAD_DIM})")
         grid = tuple(int(g) for g in options.get("grid_sizes", call["grid"]))
         if q.shape[1] != math.prod(grid):
             return AttentionCall.dense("token count differs from the latent grid")
