@@ -30,6 +30,7 @@ from comfyui_quantsparse.quantsparse.calib.block import calibrate_block  # noqa:
 from comfyui_quantsparse.quantsparse.models.base import BlockRef  # noqa: E402
 from comfyui_quantsparse.quantsparse.calib.settings import CalibSettings  # noqa: E402
 from comfyui_quantsparse.quantsparse.calib.capture import latent_shape  # noqa: E402
+from comfyui_quantsparse.quantsparse.models import registry  # noqa: E402
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.blocks import DoubleStreamBlock, SingleStreamBlock  # noqa: E402
 from comfyui_quantsparse.quantsparse.models.hunyuan_video.dims import HunyuanVideoDims  # noqa: E402
 
@@ -95,7 +96,7 @@ def main() -> int:
         dims, device, dtype = HunyuanVideoDims.full(), "cuda", torch.bfloat16
         settings = CalibSettings(epochs=args.epochs, density=args.density)
         name = "calibration_h100.json"
-    _, _, t, h, w = latent_shape(args.width, args.height, args.frames, dims.in_channels)
+    _, _, t, h, w = latent_shape(args.width, args.height, args.frames, registry.adapter_for(dims).sampling)
     grid = (t, h // 2, w // 2)
     print(f"{dims.hidden_size} hidden, {dims.num_heads} heads; {math.prod(grid)} video + {args.txt} text tokens "
           f"(grid {grid}); {args.samples} samples x {args.epochs} epochs; density {args.density}; {device}")

@@ -1,4 +1,4 @@
-"""The "QuantSparse Calibrate" node: BF16 HunyuanVideo + prompts -> an MSAD-calibrated checkpoint and MODEL.
+"""The "QuantSparse Calibrate" node: a BF16 model + prompts -> an MSAD-calibrated checkpoint and MODEL.
 
 ComfyUI glue only; the method lives in ``quantsparse/`` (capture plan, calibration, export). What is
 ComfyUI's here: the prompts are encoded by the CLIP given, the calibration samples are recorded from
@@ -125,7 +125,7 @@ def check_widgets(file_name, width, height, frames) -> None:
         if not (16 <= width <= 4096 and 16 <= height <= 4096 and 1 <= frames <= 1025):
             raise ValueError(f"width x height x frames {width}x{height}x{frames} is out of range "
                              "(16..4096 x 16..4096 x 1..1025)")
-        check_video_size(width, height, frames)
+        check_video_size(width, height, frames, FAMILY.sampling)
     if file_name is None:
         return
     dst = destination(file_name)
@@ -144,7 +144,7 @@ def conditionings(clip, prompts: str, conditioning, guidance: float) -> list[lis
     lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
     if lines and clip is None and conditioning is None:
         raise ValueError("QuantSparse Calibrate got prompts but no CLIP to encode them: connect the CLIP of "
-                         "DualCLIPLoader (hunyuan_video), or a CONDITIONING")
+                         f"{FAMILY.text_encoders}, or a CONDITIONING")
     if lines and clip is None:
         log.warning("QuantSparse Calibrate: no CLIP connected, the %d prompt line(s) are not used", len(lines))
     if clip is not None:
@@ -159,7 +159,7 @@ def conditionings(clip, prompts: str, conditioning, guidance: float) -> list[lis
 
 
 def capture(model, conds: list, *, width: int, height: int, frames: int, samples: int, steps: int, seed: int,
-            latent_channels: int):
+            sampling):
     """Sample each prompt with ComfyUI's sampler up to its last planned step, recording the model's inputs."""
     plan = capture_plan(samples, len(conds), steps)
     wanted = steps_by_prompt(plan)
@@ -178,7 +178,7 @@ def capture(model, conds: list, *, width: int, height: int, frames: int, samples
 
     m = model.clone()
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper)
-    latent = torch.zeros(latent_shape(width, height, frames, latent_channels))
+    latent = torch.zeros(latent_shape(width, height, frames, sampling))
     for p, cond in enumerate(conds):
         if p not in wanted:
             continue
@@ -201,14 +201,15 @@ class QuantSparseCalibrate(io.ComfyNode):
             node_id="QuantSparseCalibrate",
             display_name="QuantSparse Calibrate",
             category="QuantSparse",
-            description="Calibrates HunyuanVideo for QuantSparse with MSAD: samples the full model over your prompts, "
+            description=f"Calibrates {FAMILY.title} for QuantSparse with MSAD: samples the full model over your prompts, "
                         "then learns smoothing and clipping block by block so that the quantized, sparse model keeps "
                         "the full model's attention. Writes models/quantsparse/NAME.safetensors and returns the "
                         "calibrated MODEL. Resumes where it stopped if queued again with the same settings.",
             inputs=[
-                io.Model.Input("model", tooltip="BF16 HunyuanVideo T2V from 'Load Diffusion Model'."),
-                io.Clip.Input("clip", optional=True, tooltip="HunyuanVideo text encoders (DualCLIPLoader), to "
-                                                               "encode the prompts."),
+                io.Model.Input("model", tooltip=f"BF16 {FAMILY.title} ({FAMILY.source_files}) from 'Load "
+                                                "Diffusion Model'."),
+                io.Clip.Input("clip", optional=True, tooltip=f"{FAMILY.title} text encoders ({FAMILY.text_encoders}), "
+                                                               "to encode the prompts."),
                 io.String.Input("prompts", multiline=True, default=DEFAULT_PROMPTS,
                                 tooltip="Calibration prompts, one per line (needs the CLIP)."),
                 io.Conditioning.Input("conditioning", optional=True,
@@ -227,7 +228,7 @@ class QuantSparseCalibrate(io.ComfyNode):
                 # re-queued calibration on the same seed, so it resumes instead of starting over.
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              control_after_generate=io.ControlAfterGenerate.fixed),
-                io.String.Input("file_name", default="hunyuan_video_msad_w4a8",
+                io.String.Input("file_name", default=f"{FAMILY.name}_msad_w4a8",
                                 tooltip="Written as models/quantsparse/NAME.safetensors."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
                 io.Float.Input("guidance", default=FAMILY.sampling.guidance, min=0.0, max=100.0, step=0.1,
@@ -283,7 +284,7 @@ class QuantSparseCalibrate(io.ComfyNode):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         adapter, dims, sd = full_state_of(model)
         conds = conditionings(clip, prompts, conditioning, float(guidance))
-        info = CalibrationInfo(_base_name(model), len(conds), width, height, frames, steps, float(guidance))
+        info = CalibrationInfo(_base_name(model, adapter.variant(dims)), len(conds), width, height, frames, steps, float(guidance))
         capture_key = capture_fingerprint(info, samples, [_as_conditioning(c) for c in conds])
         fingerprint = run_fingerprint(state_fingerprint(dims, sd, dtype=torch.bfloat16), settings, capture_key)
         if os.path.exists(dst) and _recorded_fingerprint(dst) == fingerprint and not restart:
@@ -302,7 +303,7 @@ class QuantSparseCalibrate(io.ComfyNode):
 
         def capture_samples():
             recorded = capture(model, conds, width=width, height=height, frames=frames, samples=samples,
-                               steps=steps, seed=seed, latent_channels=adapter.sampling.latent_channels)
+                               steps=steps, seed=seed, sampling=adapter.sampling)
             comfy.model_management.unload_all_models()  # calibration holds one block on the device, not the model
             comfy.model_management.soft_empty_cache()
             return recorded
@@ -350,7 +351,7 @@ def _source_path(model):
     return None
 
 
-def _base_name(model) -> str:
+def _base_name(model, variant: str) -> str:
     """The loaded file's name when ComfyUI kept it, for the provenance record."""
     source = _source_path(model)
-    return os.path.basename(source) if source else "HunyuanVideo (ComfyUI MODEL)"
+    return os.path.basename(source) if source else f"{variant} (ComfyUI MODEL)"

@@ -200,7 +200,6 @@ def _calibrate(args) -> int:
     settings = CalibSettings(bits=args.bits, density=args.density, sparse_attention=args.sparse_calibration,
                              epochs=args.epochs,
                              lambda_global=args.lambda_global, lambda_local=args.lambda_local, seed=args.seed)
-    check_video_size(args.width, args.height, args.frames)
     if args.random_prompts is not None and args.random_prompts < 1:
         raise ValueError(f"--random-prompts {args.random_prompts}: give at least 1")
     prompts = args.random_prompts if args.conditioning is None else 1
@@ -208,11 +207,13 @@ def _calibrate(args) -> int:
     device = resolve_device(args.device)
     source = inspect_source(args.src)
     adapter = check_calibration_supported(source.dims)
+    check_video_size(args.width, args.height, args.frames, adapter.sampling)
     guidance = adapter.sampling.guidance if args.guidance is None else args.guidance
     if args.conditioning:
-        conds = load_conditioning(args.conditioning, source.dims.context_in_dim)
+        conds = load_conditioning(args.conditioning, source.dims.context_in_dim, source.dims.vec_in_dim)
     else:
-        conds = random_conditioning(args.random_prompts, source.dims.context_in_dim, seed=args.seed)
+        conds = random_conditioning(args.random_prompts, source.dims.context_in_dim, source.dims.vec_in_dim,
+                                    seed=args.seed)
     inputs = [source.path] + ([args.conditioning] if args.conditioning else [])
     dst = check_output(args.dst, args.overwrite, inputs)
     work = args.work_dir or f"{dst}.work"

@@ -25,20 +25,23 @@ from torch import nn
 
 from ..core.schedule import simple_sigmas
 from ..models import registry
+from ..models.base import SamplingDefaults
 
 
-def check_video_size(width: int, height: int, frames: int) -> None:
-    """A size every supported family's VAE (8x spatial, 4x temporal) and patching (2x2) can take."""
-    if width % 16 or height % 16 or width < 16 or height < 16:
-        raise ValueError(f"calibration width and height must be positive multiples of 16, got {width}x{height}")
-    if frames < 1 or (frames - 1) % 4:
-        raise ValueError(f"calibration frames must be 1, 5, 9, ... (4k + 1), got {frames}")
+def check_video_size(width: int, height: int, frames: int, sampling: SamplingDefaults) -> None:
+    """A size the family's VAE (``sampling.spatial`` x, ``sampling.temporal`` x) and 2x2 patching can take."""
+    side, t = 2 * sampling.spatial, sampling.temporal
+    if width % side or height % side or width < side or height < side:
+        raise ValueError(f"calibration width and height must be positive multiples of {side}, got {width}x{height}")
+    if frames < 1 or (frames - 1) % t:
+        raise ValueError(f"calibration frames must be 1, {1 + t}, {1 + 2 * t}, ... ({t}k + 1), got {frames}")
 
 
-def latent_shape(width: int, height: int, frames: int, channels: int) -> tuple[int, int, int, int, int]:
-    """The empty video latent (``EmptyHunyuanLatentVideo``, ``EmptyLatentVideo``) of ``channels`` channels."""
-    check_video_size(width, height, frames)
-    return (1, channels, (frames - 1) // 4 + 1, height // 8, width // 8)
+def latent_shape(width: int, height: int, frames: int, sampling: SamplingDefaults) -> tuple[int, int, int, int, int]:
+    """The family's empty video latent (``EmptyHunyuanLatentVideo``, ``EmptyLatentVideo``)."""
+    check_video_size(width, height, frames, sampling)
+    return (1, sampling.latent_channels, (frames - 1) // sampling.temporal + 1, height // sampling.spatial,
+            width // sampling.spatial)
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def sample_and_capture(model: nn.Module, conds: Sequence[Conditioning], *, width
     adapter = registry.adapter_for(model.dims)
     defaults = adapter.sampling
     guidance = defaults.guidance if guidance is None else guidance
-    shape = latent_shape(width, height, frames, defaults.latent_channels)
+    shape = latent_shape(width, height, frames, defaults)
     plan = capture_plan(samples, len(conds), steps)
     wanted = steps_by_prompt(plan)
     sigmas = simple_sigmas(steps, defaults.shift if shift is None else shift)

@@ -39,7 +39,6 @@ from .provenance import calibration_record
 from .settings import CalibSettings
 
 Samples = Sequence[dict[str, torch.Tensor]]
-POOLED_DIM = 768  # CLIP-L pooled vector
 
 
 @dataclass(frozen=True)
@@ -174,7 +173,7 @@ _COND_HELP = ("expected context.N [Ltxt, C] (text-encoder hidden states), pooled
               "vector) and optionally mask.N [Ltxt] (1 = token, 0 = padding), for N = 0, 1, 2, ...")
 
 
-def load_conditioning(path: str | os.PathLike, context_dim: Optional[int] = None) -> list:
+def load_conditioning(path: str | os.PathLike, context_dim: int, pooled_dim: int) -> list:
     """Prompt embeddings from a safetensors file, every tensor checked (names, numbering, shapes): a
     tensor that would be ignored, or a prompt without its pooled vector, is an error that says so."""
     from .capture import Conditioning
@@ -214,11 +213,11 @@ def load_conditioning(path: str | os.PathLike, context_dim: Optional[int] = None
         if ctx.dim() != 3 or ctx.shape[0] != 1 or not ctx.is_floating_point():
             raise CheckpointError(f"{where}: context.{n} has shape {list(t[f'context.{n}'].shape)} "
                                   f"({t[f'context.{n}'].dtype}); expected floats [Ltxt, C] or [1, Ltxt, C].")
-        if context_dim is not None and ctx.shape[-1] != context_dim:
+        if ctx.shape[-1] != context_dim:
             raise CheckpointError(f"{where}: context.{n} has {ctx.shape[-1]} channels but the model's text input "
                                   f"takes {context_dim}; save the embeddings of this model's text encoder.")
-        if pooled.numel() != POOLED_DIM or not pooled.is_floating_point():
-            raise CheckpointError(f"{where}: pooled.{n} has shape {list(pooled.shape)}; expected the {POOLED_DIM} "
+        if pooled.numel() != pooled_dim or not pooled.is_floating_point():
+            raise CheckpointError(f"{where}: pooled.{n} has shape {list(pooled.shape)}; expected the {pooled_dim} "
                                   "floats of the pooled CLIP-L vector.")
         if mask is not None:
             if mask.numel() != ctx.shape[1]:
@@ -232,10 +231,10 @@ def load_conditioning(path: str | os.PathLike, context_dim: Optional[int] = None
     return out
 
 
-def random_conditioning(count: int, context_dim: int, tokens: int = 32, seed: int = 0) -> list:
+def random_conditioning(count: int, context_dim: int, pooled_dim: int, tokens: int = 32, seed: int = 0) -> list:
     """Random prompt embeddings: for timing and for smoke tests without a text encoder, never for a real model."""
     from .capture import Conditioning
 
     g = torch.Generator().manual_seed(seed)
-    return [Conditioning(torch.randn(1, tokens, context_dim, generator=g), torch.randn(1, POOLED_DIM, generator=g))
+    return [Conditioning(torch.randn(1, tokens, context_dim, generator=g), torch.randn(1, pooled_dim, generator=g))
             for _ in range(count)]

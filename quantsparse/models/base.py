@@ -52,6 +52,8 @@ class SamplingDefaults:
     latent_channels: int
     shift: float  # ModelSamplingDiscreteFlow's shift
     guidance: Optional[float] = None  # embedded guidance (FluxGuidance's value); None: the family has none
+    spatial: int = 8  # the VAE's compression per side (x the patch 2: the pixels per token side)
+    temporal: int = 4  # frames per latent frame after the first
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class ModelAdapter(abc.ABC):
     name: str = ""  # the checkpoint metadata's "architecture"
     title: str = ""  # what messages call it, e.g. "HunyuanVideo T2V"
     source_files: str = ""  # the files users download that convert / calibrate take
+    text_encoders: str = ""  # how ComfyUI loads the family's text encoders (node hints)
     calibration_supported: bool = False
     sampling: Optional[SamplingDefaults] = None  # set by families that calibrate or have a proxy
     scheme_layers: Optional[re.Pattern] = None  # Linears (full ComfyUI names) that get the configured scheme

@@ -25,6 +25,7 @@ class HunyuanVideoAdapter(ModelAdapter):
     name = ARCHITECTURE
     title = "HunyuanVideo T2V"
     source_files = "hunyuan_video_t2v_720p_bf16.safetensors"
+    text_encoders = "DualCLIPLoader (type hunyuan_video)"
     calibration_supported = True
     scheme_layers, weight_only_layers = SCHEME_LAYERS, WEIGHT_ONLY_LAYERS
     identity_weights = ("img_in", "qkv", "linear1")  # each block's first Linear and the patch embedding

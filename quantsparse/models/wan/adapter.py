@@ -39,6 +39,7 @@ class WanAdapter(ModelAdapter):
     source_files = ("wan2.1_t2v_1.3B / 14B, wan2.1_i2v_480p / 720p_14B, wan2.2_t2v / i2v_high / low_noise_14B, "
                     "wan2.2_ti2v_5B (bf16, fp16, fp8_e4m3fn, fp8_scaled, int8)")
     scheme_layers, weight_only_layers = SCHEME_LAYERS, WEIGHT_ONLY_LAYERS
+    text_encoders = "CLIPLoader (type wan: umt5_xxl)"
     identity_weights = ("patch_embedding", "self_attn.q.")  # the patch embedding and each block's first Linear
 
     # -- finding the family
